@@ -1,0 +1,17 @@
+"""mmorepa: Online Convolutional Re-parameterization (OREPA, CVPR 2022) for OpenMMLab.
+
+``import mmorepa`` registers the OREPA conv layers (``conv_cfg=dict(type='OREPA')``), blocks and
+backbones in mmengine's root ``MODELS`` (found by mmpretrain, mmdet and mmseg), and lets mmengine
+checkpoints load under torch's ``weights_only=True`` default.
+"""
+from . import kernels
+from .checkpoint import allow_mmengine_checkpoints
+from .layers import (OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv,
+                     RepVGGBlock, ReparamConv2d)
+from .reparameterize import reparameterize
+
+__version__ = '0.1.0'
+__all__ = ['kernels', 'reparameterize', 'OREPA', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
+           'DiverseBranchBlock', 'RepVGGBlock', 'ReparamConv2d', 'allow_mmengine_checkpoints']
+
+allow_mmengine_checkpoints()

@@ -1,0 +1,47 @@
+"""Safe loading of mmengine checkpoints under torch's ``weights_only=True`` default.
+
+mmengine 0.10.7 calls plain ``torch.load``; since torch 2.6 that means ``weights_only=True``, which
+refuses the few non-tensor objects an mmengine ``Runner`` checkpoint holds (``HistoryBuffer`` in
+``message_hub``, numpy arrays and scalars in ``meta``). Rather than turn ``weights_only`` off (which
+would run arbitrary pickled code from a downloaded file), we allow exactly those types.
+"""
+import pickle
+
+import numpy as np
+import torch
+
+
+def _numpy_globals():
+    out = [np.ndarray, np.dtype]
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct, scalar
+        out += [_reconstruct, scalar]
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+        out += [_reconstruct, scalar]
+    # dtype classes pickled by numpy >= 1.25 (np.dtypes.Float64DType, ...)
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith('DType')]
+    return out
+
+
+def _history_buffer_getattr(obj, name):
+    """Stands in for ``builtins.getattr`` while unpickling: mmengine pickles the statistics methods
+    of ``HistoryBuffer`` as ``getattr(HistoryBuffer, 'mean')``; nothing else is resolved."""
+    from mmengine.logging import HistoryBuffer
+    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f'checkpoint asks for getattr({obj!r}, {name!r}); only '
+                                 'HistoryBuffer statistics methods are allowed')
+
+
+def mmengine_safe_globals():
+    """The types an mmengine Runner checkpoint holds besides tensors and builtins."""
+    from mmengine.logging import HistoryBuffer
+    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
+
+
+def allow_mmengine_checkpoints():
+    """Let ``torch.load(..., weights_only=True)`` read mmengine checkpoints (idempotent)."""
+    torch.serialization.add_safe_globals(mmengine_safe_globals())

@@ -1,0 +1,164 @@
+"""Kernel algebra of OREPA: small pure, differentiable functions on conv kernels.
+
+Shapes follow PyTorch: a kernel is ``(C_out, C_in // groups, k, k)`` and a conv is a cross-correlation.
+Every function here works on kernels only (never on feature maps), is differentiable, and keeps the
+dtype and device of its inputs. The layers in :mod:`mmorepa.layers` compose these functions; the
+paper's equations are named in each docstring (``Eq.`` = main paper, ``supp`` = supplementary).
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    'fuse_bn', 'pad_to', 'compose', 'compose_1x1', 'compose_1x1_depthwise', 'avg_kernel',
+    'frequency_prior', 'dw_pw_to_full', 'identity_kernel', 'scaled_sum',
+]
+
+
+def fuse_bn(kernel: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+            weight: Optional[Tensor], shift: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm that follows a conv into the conv's kernel and bias.
+
+    ``BN(W * x + b) = (gamma / sigma) W * x + beta + (b - mu) gamma / sigma`` with
+    ``sigma = sqrt(var + eps)``: the post-addition norm of Sec. 3.2 (and the branch-wise norms of
+    DBB / RepVGG) become part of a single conv at deploy time.
+    """
+    std = torch.sqrt(running_var + eps)
+    t = (weight if weight is not None else torch.ones_like(std)) / std
+    b = bias if bias is not None else torch.zeros_like(running_mean)
+    beta = shift if shift is not None else torch.zeros_like(running_mean)
+    return kernel * t.reshape(-1, 1, 1, 1), beta + (b - running_mean) * t
+
+
+def pad_to(kernel: Tensor, size: int) -> Tensor:
+    """Centre a ``k x k`` kernel inside a ``size x size`` one (zeros around it).
+
+    Eq. 4 adds branch kernels of different sizes: "an 1x1 kernel should be aligned with the centre
+    of a 3x3 kernel". Both sizes must be odd so that the centres coincide.
+    """
+    k = kernel.shape[-1]
+    if kernel.shape[-2] != k:
+        raise ValueError(f'pad_to expects a square kernel, got spatial shape {tuple(kernel.shape[-2:])}')
+    if size < k or (size - k) % 2:
+        raise ValueError(f'cannot centre a {k}x{k} kernel in a {size}x{size} one')
+    p = (size - k) // 2
+    return F.pad(kernel, [p, p, p, p]) if p else kernel
+
+
+def compose(first: Tensor, second: Tensor, groups: int = 1) -> Tensor:
+    """The kernel of two sequential convs: ``second * (first * x) == compose(first, second) * x``.
+
+    Eq. 3 (sequential squeezing) in the pixel-wise form of supp Eq. 2: the spatial part is a full
+    (not cross-) correlation, size ``k1 + k2 - 1``. ``first`` is ``(C1, C0 // g, k1, k1)``,
+    ``second`` is ``(C2, C1 // g, k2, k2)``, both with the same ``groups``; the result is
+    ``(C2, C0 // g, k1 + k2 - 1, k1 + k2 - 1)``. Exact for convs with zero padding and no bias when
+    the composed kernel is applied with the summed padding (or for any padding when ``first`` is 1x1).
+    """
+    if first.shape[-1] == 1 and first.shape[-2] == 1:
+        return compose_1x1(first, second, groups)
+    k2 = second.shape[-1]
+    out = F.conv2d(first.transpose(0, 1), second.flip(-1, -2), padding=k2 - 1, groups=groups)
+    return out.transpose(0, 1)
+
+
+def compose_1x1(first: Tensor, second: Tensor, groups: int = 1) -> Tensor:
+    """Eq. 3 for a 1x1 conv followed by any ``k x k`` conv (the 1x1-kxk branch, Rep-1x1).
+
+    ``K[o, i] = sum_m second[o, m] first[m, i]`` per group, as a batched matrix product: the same
+    result as :func:`compose` with far less work.
+    """
+    c1, c0g = first.shape[:2]
+    c2, c1g, kh, kw = second.shape
+    if c1 != c1g * groups:
+        raise ValueError(f'compose_1x1: {c1} intermediate channels do not match '
+                         f'{c1g} x {groups} groups of the second kernel')
+    a = first.reshape(groups, c1g, c0g)
+    b = second.reshape(groups, c2 // groups, c1g, kh * kw)
+    out = torch.einsum('gomp,gmi->goip', b, a)
+    return out.reshape(c2, c0g, kh, kw)
+
+
+def compose_1x1_depthwise(first: Tensor, filters: Tensor) -> Tensor:
+    """A 1x1 conv followed by a fixed depthwise ``k x k`` filter per output channel (Eq. 3).
+
+    ``first`` is ``(C_out, C_in // g, 1, 1)``; ``filters`` is ``(C_out, k, k)`` or ``(k, k)``
+    (shared). Used for the 1x1-avg branch (filter :func:`avg_kernel`) and the 1x1-frequency-prior
+    branch (filter :func:`frequency_prior`) of Fig. 6.
+    """
+    if filters.dim() == 2:
+        filters = filters.unsqueeze(0)
+    return first * filters.unsqueeze(1)
+
+
+def avg_kernel(k: int, dtype=None, device=None) -> Tensor:
+    """The ``k x k`` average-pooling filter, ``1 / k^2`` everywhere (supp Table 1, "Pooling").
+
+    Average pooling with ``count_include_pad=True`` and the conv's padding is a depthwise conv with
+    this kernel.
+    """
+    return torch.full((k, k), 1.0 / (k * k), dtype=dtype, device=device)
+
+
+def frequency_prior(channels: int, k: int, dtype=None, device=None) -> Tensor:
+    """The fixed frequency-prior filters of supp Table 1 ("Filtering"), ``(channels, k, k)``.
+
+    For ``c < C // 2``: ``cos((c + 1)(k_h + 0.5) pi / K)`` (varies along rows); otherwise
+    ``cos((c - C // 2 + 1)(k_w + 0.5) pi / K)`` (varies along columns). Any odd ``k``.
+    """
+    c = torch.arange(channels, dtype=torch.float64).reshape(-1, 1, 1)
+    pos = torch.arange(k, dtype=torch.float64) + 0.5
+    half = channels // 2
+    rows = torch.cos((c + 1) * pos.reshape(1, k, 1) * math.pi / k).expand(channels, k, k)
+    cols = torch.cos((c - half + 1) * pos.reshape(1, 1, k) * math.pi / k).expand(channels, k, k)
+    prior = torch.where(c < half, rows, cols)
+    return prior.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def dw_pw_to_full(depthwise: Tensor, pointwise: Tensor, in_channels: int, groups: int = 1) -> Tensor:
+    """A linear depthwise-separable pair as one full kernel (Sec. 3.5, DO-Conv; Eq. 3).
+
+    ``depthwise`` is ``(C_in * M, 1, k, k)`` (groups ``C_in``, expansion ``M``: input channel ``i``
+    feeds channels ``i * M .. i * M + M - 1``); ``pointwise`` is ``(C_out, C_in * M // g, 1, 1)``
+    with ``groups``. ``K[o, i] = sum_m pw[o, i * M + m] dw[i * M + m]`` within each group; the
+    result is ``(C_out, C_in // g, k, k)``.
+    """
+    cim, _, kh, kw = depthwise.shape
+    c_out, cimg = pointwise.shape[:2]
+    if cim % in_channels or cimg * groups != cim:
+        raise ValueError(f'dw_pw_to_full: depthwise kernel {tuple(depthwise.shape)} and pointwise '
+                         f'kernel {tuple(pointwise.shape)} do not fit {in_channels} input channels '
+                         f'in {groups} groups')
+    m = cim // in_channels
+    cig = in_channels // groups
+    dw = depthwise.reshape(groups, cig, m, kh * kw)
+    pw = pointwise.reshape(groups, c_out // groups, cig, m)
+    out = torch.einsum('goim,gimp->goip', pw, dw)
+    return out.reshape(c_out, cig, kh, kw)
+
+
+def identity_kernel(channels: int, groups: int = 1, k: int = 1, dtype=None, device=None) -> Tensor:
+    """The kernel of the identity map, ``(channels, channels // groups, k, k)``, 1 at the centre.
+
+    The identity-initialised 1x1 of the 1x1-kxk branch (supp Table 1, "Conv 1x1 iden.") and
+    RepVGG's identity branch.
+    """
+    cpg = channels // groups
+    kernel = torch.zeros(channels, cpg, k, k, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    kernel[idx, idx % cpg, k // 2, k // 2] = 1
+    return kernel
+
+
+def scaled_sum(kernels: Sequence[Tensor], scales: Optional[Tensor]) -> Tensor:
+    """Eq. 4 with the linear scaling layers of Sec. 3.2: ``sum_m gamma_m * W_m``.
+
+    ``kernels`` are same-shape ``(C_out, C_in // g, k, k)`` branch kernels; ``scales`` is
+    ``(M, C_out)`` (vector scaling), ``(M, 1)`` (scalar scaling) or ``None`` (no scaling).
+    """
+    stacked = torch.stack(list(kernels))
+    if scales is None:
+        return stacked.sum(0)
+    return torch.einsum('mo,moihw->oihw', scales.expand(len(kernels), stacked.shape[1]), stacked)

@@ -1,0 +1,204 @@
+"""The common shape of every re-parameterizable conv layer.
+
+A :class:`ReparamConv2d` computes one kernel (and bias) from its training-time parameters and
+convolves once. It owns its fusion:
+
+- ``fused_kernel_and_bias()`` gives the eval-mode kernel and bias (own norm folded in);
+- ``switch_to_deploy()`` replaces the training-time parameters, in place and idempotently, by
+  ``weight`` and ``bias``, so the layer's state-dict keys become those of a plain ``nn.Conv2d``;
+- ``to_conv2d()`` returns that plain ``nn.Conv2d`` (what :func:`mmorepa.reparameterize` puts in
+  the layer's place).
+
+In eval mode the squeezed kernel is cached until a parameter or buffer changes (identity, storage
+and version counter are checked on every call, so an optimizer step, ``load_state_dict`` or ``.to()``
+invalidate it). Train mode always regenerates the kernel.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import kernels as K
+
+
+def _pair_square(value, name: str) -> int:
+    """An int from ``k`` or ``(k, k)``; non-square values are refused."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f'{name} must be an int or a square pair, got {value!r}')
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'{name} must be an int, got {value!r}')
+    return value
+
+
+def check_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                    odd_kernel=True):
+    """Validate a conv's geometry; return ``(k, stride, padding, dilation)`` as ints.
+
+    Raises ``ValueError`` naming the bad value.
+    """
+    k = _pair_square(kernel_size, 'kernel_size')
+    stride = _pair_square(stride, 'stride')
+    dilation = _pair_square(dilation, 'dilation')
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    padding = _pair_square(padding, 'padding')
+    for name, value in (('in_channels', in_channels), ('out_channels', out_channels),
+                        ('groups', groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be a positive int, got {value!r}')
+    if k < 1 or (odd_kernel and k % 2 == 0):
+        raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size!r}')
+    if stride < 1:
+        raise ValueError(f'stride must be >= 1, got {stride!r}')
+    if dilation < 1:
+        raise ValueError(f'dilation must be >= 1, got {dilation!r}')
+    if padding < 0:
+        raise ValueError(f'padding must be >= 0, got {padding!r}')
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f'groups={groups} must divide in_channels={in_channels} and '
+                         f'out_channels={out_channels}')
+    return k, stride, padding, dilation
+
+
+def bn_fuse(kernel: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> Tuple[Tensor, Tensor]:
+    """:func:`mmorepa.kernels.fuse_bn` with the statistics of a BatchNorm module."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        raise ValueError(f'cannot fuse {type(bn).__name__} without running statistics')
+    return K.fuse_bn(kernel, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+class ReparamConv2d(nn.Module):
+    """Base of the conv layers whose kernel is squeezed from training-time branches.
+
+    Subclasses build their branches in ``_build_branches()`` and compute the linear kernel (and
+    bias, or ``None``) in ``squeeze()``. A layer may own a post-addition norm ``self.bn``.
+    Attributes mirror ``nn.Conv2d`` (``in_channels``, ``kernel_size``, ``stride``, ...), so code that
+    inspects a host's conv keeps working.
+    """
+
+    transposed = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=None,
+                 dilation=1, groups: int = 1, bias: bool = False, deploy: bool = False):
+        super().__init__()
+        k, stride, padding, dilation = check_conv_args(in_channels, out_channels, kernel_size,
+                                                       stride, padding, dilation, groups)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = (k, k)
+        self.stride = (stride, stride)
+        self.padding = (padding, padding)
+        self.dilation = (dilation, dilation)
+        self.output_padding = (0, 0)
+        self.groups = groups
+        self.deploy = deploy
+        self._kernel_cache = None
+        self.bn = None
+
+    # -- to be provided by subclasses -----------------------------------------------------------
+    def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The single kernel (and bias) of the linear training-time block, norm excluded."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------
+    def _init_deploy(self, bias: bool):
+        k = self.kernel_size[0]
+        self.weight = nn.Parameter(
+            torch.empty(self.out_channels, self.in_channels // self.groups, k, k))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+
+    def fused_kernel_and_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The kernel and bias of the equivalent plain conv in eval mode (differentiable)."""
+        if self.deploy:
+            return self.weight, self.bias
+        kernel, bias = self.squeeze()
+        if self.bn is not None:
+            kernel, bias = bn_fuse(kernel, bias, self.bn)
+        return kernel, bias
+
+    def _conv(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _cache_key(self):
+        return tuple((t, t._version, t.data_ptr())
+                     for t in list(self.parameters()) + list(self.buffers()))
+
+    def _cached_fused(self) -> Tuple[Tensor, Optional[Tensor]]:
+        key = self._cache_key()
+        cache = self._kernel_cache
+        if cache is not None and len(cache[0]) == len(key) and all(
+                a[0] is b[0] and a[1] == b[1] and a[2] == b[2] for a, b in zip(cache[0], key)):
+            return cache[1]
+        with torch.no_grad():
+            fused = self.fused_kernel_and_bias()
+        self._kernel_cache = (key, fused)
+        return fused
+
+    def clear_kernel_cache(self):
+        """Drop the eval-mode kernel cache (needed only after edits through ``param.data``)."""
+        self._kernel_cache = None
+
+    def train(self, mode: bool = True):
+        self._kernel_cache = None
+        return super().train(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.deploy:
+            return self._conv(x, self.weight, self.bias)
+        norm_frozen = self.bn is None or not self.bn.training
+        if not self.training and norm_frozen:
+            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            kernel, bias = self.fused_kernel_and_bias() if needs_grad else self._cached_fused()
+            return self._conv(x, kernel, bias)
+        kernel, bias = self.squeeze()
+        out = self._conv(x, kernel, bias)
+        return self.bn(out) if self.bn is not None else out
+
+    def switch_to_deploy(self):
+        """Fuse in place: keep only ``weight`` and ``bias``, as a plain conv. Idempotent."""
+        if self.deploy:
+            return
+        with torch.no_grad():
+            kernel, bias = self.fused_kernel_and_bias()
+            kernel, bias = kernel.detach().clone(), None if bias is None else bias.detach().clone()
+        for name in list(self._parameters):
+            delattr(self, name)
+        for name in list(self._buffers):
+            delattr(self, name)
+        for name in list(self._modules):
+            delattr(self, name)
+        self.bn = None
+        self.weight = nn.Parameter(kernel)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self._kernel_cache = None
+        self.deploy = True
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` equal to this layer in eval mode."""
+        with torch.no_grad():
+            kernel, bias = self.fused_kernel_and_bias()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, bias=bias is not None,
+                         device=kernel.device, dtype=kernel.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(kernel)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv.train(self.training)
+
+    def extra_repr(self) -> str:
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
+             f'stride={self.stride}, padding={self.padding}')
+        if self.dilation != (1, 1):
+            s += f', dilation={self.dilation}'
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if self.deploy:
+            s += ', deploy=True'
+        return s

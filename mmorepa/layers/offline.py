@@ -1,0 +1,223 @@
+"""Offline re-parameterization blocks for the paper's comparisons: DBB and RepVGG / OREPA-VGG.
+
+Their branches carry their own BatchNorms, so they compute every branch on feature maps during
+training (the cost OREPA removes) and are squeezed only at deploy time.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_activation_layer, build_conv_layer, build_norm_layer
+from torch import Tensor
+
+from .. import kernels as K
+from .base import ReparamConv2d, bn_fuse, check_conv_args
+
+
+class _ConvBN(nn.Module):
+    """``conv`` then ``bn``, the unit every offline branch is made of."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, norm_cfg=dict(type='BN')):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              groups, bias=False)
+        self.bn = build_norm_layer(norm_cfg, out_channels)[1]
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def fuse(self) -> Tuple[Tensor, Tensor]:
+        return bn_fuse(self.conv.weight, None, self.bn)
+
+
+class _BNAndPad(nn.Module):
+    """BN, then padding with the BN's output for a zero input, so that a following unpadded conv
+    sees exactly what the fused conv sees at the borders (DBB's BN-and-pad)."""
+
+    def __init__(self, channels, padding, norm_cfg):
+        super().__init__()
+        self.bn = build_norm_layer(norm_cfg, channels)[1]
+        self.padding = padding
+
+    def forward(self, x):
+        out = self.bn(x)
+        if self.padding == 0:
+            return out
+        if self.bn.training:
+            # batch statistics: the zero input maps to (0 - batch mean) / batch std * w + b
+            mean = x.mean((0, 2, 3))
+            var = x.var((0, 2, 3), unbiased=False)
+        else:
+            mean, var = self.bn.running_mean, self.bn.running_var
+        w = self.bn.weight if self.bn.weight is not None else torch.ones_like(mean)
+        b = self.bn.bias if self.bn.bias is not None else torch.zeros_like(mean)
+        pad_value = (b - mean * w / torch.sqrt(var + self.bn.eps)).reshape(1, -1, 1, 1)
+        p = self.padding
+        out = F.pad(out, [p, p, p, p])
+        border = torch.ones_like(out[:1, :1])
+        border[..., p:-p, p:-p] = 0
+        return out + border * pad_value
+
+
+class DiverseBranchBlock(ReparamConv2d):
+    """The DBB block (Ding et al., CVPR 2021) in its offline form: four branches, each with its own
+    norm, computed on feature maps and summed (no post-addition norm):
+    ``kxk-BN``, ``1x1-BN``, ``1x1(identity init)-BN-kxk-BN`` and ``1x1-BN-avg-BN``.
+
+    Only "same" padding (``dilation * (k - 1) / 2``) is supported, as in DBB. Fuses to one conv
+    with a bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None,
+                 dilation=1, groups: int = 1, bias: bool = False,
+                 norm_cfg: dict = dict(type='BN'), deploy: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, deploy)
+        k, d = self.kernel_size[0], self.dilation[0]
+        if self.padding[0] != d * (k - 1) // 2:
+            raise ValueError(f'DiverseBranchBlock needs padding={d * (k - 1) // 2} for '
+                             f'kernel_size={k}, dilation={d}; got padding={padding!r}')
+        if bias:
+            raise ValueError('DiverseBranchBlock has branch norms; bias=True is not supported')
+        if deploy:
+            self._init_deploy(True)
+            return
+        p = self.padding[0]
+        s = self.stride[0]
+        self.branch_kxk = _ConvBN(in_channels, out_channels, k, s, p, d, groups, norm_cfg)
+        self.branch_1x1 = _ConvBN(in_channels, out_channels, 1, s, 0, 1, groups, norm_cfg)
+        # 1x1 (identity + zero-initialised delta) -> BN (pad) -> kxk -> BN
+        self.weight_1x1_kxk_idconv1 = nn.Parameter(
+            torch.zeros(in_channels, in_channels // groups, 1, 1))
+        self.register_buffer('identity', K.identity_kernel(in_channels, groups), persistent=False)
+        self.bn_1x1_kxk_mid = _BNAndPad(in_channels, p, norm_cfg)
+        self.branch_1x1_kxk = _ConvBN(in_channels, out_channels, k, s, 0, d, groups, norm_cfg)
+        # 1x1 -> BN (pad) -> kxk average -> BN
+        self.conv_1x1_avg = nn.Conv2d(in_channels, out_channels, 1, 1, 0, groups=groups,
+                                      bias=False)
+        self.bn_1x1_avg_mid = _BNAndPad(out_channels, p, norm_cfg)
+        self.bn_1x1_avg = build_norm_layer(norm_cfg, out_channels)[1]
+        self.bias = None
+
+    def _avg(self, x: Tensor) -> Tensor:
+        c, k = x.shape[1], self.kernel_size[0]
+        w = K.avg_kernel(k, x.dtype, x.device).expand(c, 1, k, k)
+        return F.conv2d(x, w, None, self.stride, 0, self.dilation, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Every branch on feature maps (train and eval alike), as the offline method does."""
+        if self.deploy:
+            return self._conv(x, self.weight, self.bias)
+        g = self.groups
+        mid = F.conv2d(x, self.identity + self.weight_1x1_kxk_idconv1, None, 1, 0, 1, g)
+        out = self.branch_kxk(x) + self.branch_1x1(x)
+        out = out + self.branch_1x1_kxk(self.bn_1x1_kxk_mid(mid))
+        avg = self._avg(self.bn_1x1_avg_mid(self.conv_1x1_avg(x)))
+        return out + self.bn_1x1_avg(avg)
+
+    def squeeze(self):
+        """DBB's own fusion of the four branches (eval-mode statistics)."""
+        k, g = self.kernel_size[0], self.groups
+        w_kxk, b_kxk = self.branch_kxk.fuse()
+        w_1x1, b_1x1 = self.branch_1x1.fuse()
+        # 1x1-kxk: compose kernels; the mid BN's bias passes through the kxk kernel's sum.
+        w1, b1 = bn_fuse(self.identity + self.weight_1x1_kxk_idconv1, None, self.bn_1x1_kxk_mid.bn)
+        w2, b2 = self.branch_1x1_kxk.fuse()
+        w_seq = K.compose_1x1(w1, w2, g)
+        b_seq = b2 + _bias_through(w2, b1, g)
+        # 1x1-avg: BN, average (a constant stays constant), BN.
+        wa, ba = bn_fuse(self.conv_1x1_avg.weight, None, self.bn_1x1_avg_mid.bn)
+        wa = K.compose_1x1_depthwise(wa, K.avg_kernel(k, wa.dtype, wa.device))
+        wa, ba = bn_fuse(wa, ba, self.bn_1x1_avg)
+        kernel = w_kxk + K.pad_to(w_1x1, k) + w_seq + wa
+        return kernel, b_kxk + b_1x1 + b_seq + ba
+
+    def fused_kernel_and_bias(self):
+        return (self.weight, self.bias) if self.deploy else self.squeeze()
+
+
+def _bias_through(kernel: Tensor, bias: Tensor, groups: int) -> Tensor:
+    """The output of ``kernel`` (no padding) on a constant input equal to ``bias`` per channel."""
+    c_out, cin_g = kernel.shape[:2]
+    summed = kernel.sum((2, 3)).reshape(groups, c_out // groups, cin_g)
+    return torch.einsum('goi,gi->go', summed, bias.reshape(groups, cin_g)).reshape(c_out)
+
+
+class RepVGGBlock(nn.Module):
+    """The RepVGG block: ``kxk-BN + 1x1-BN (+ BN identity)``, then the activation.
+
+    ``orepa=True`` gives the OREPA-VGG block of supp 2.4: the same three branches, the ``kxk``
+    branch an :class:`~mmorepa.layers.OREPAConv2d` with its own post-addition BN. Attribute names
+    follow mmpretrain's ``RepVGGBlock``, so a fused block loads into mmpretrain's ``RepVGG`` with
+    ``deploy=True`` (``branch_reparam``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride=1, padding=1, dilation=1,
+                 groups: int = 1, orepa: bool = False, orepa_cfg: Optional[dict] = None,
+                 norm_cfg: dict = dict(type='BN'), act_cfg: Optional[dict] = dict(type='ReLU'),
+                 deploy: bool = False):
+        super().__init__()
+        check_conv_args(in_channels, out_channels, 3, stride, padding, dilation, groups)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.deploy = deploy
+        self.act = build_activation_layer(act_cfg) if act_cfg is not None else nn.Identity()
+        if deploy:
+            self.branch_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, padding,
+                                            dilation, groups, bias=True)
+            return
+        if padding != dilation:
+            raise ValueError(f'RepVGGBlock needs padding == dilation, got padding={padding!r}, '
+                             f'dilation={dilation!r}')
+        if orepa:
+            cfg = dict(orepa_cfg or {})
+            self.branch_3x3 = build_conv_layer(
+                dict(type='OREPAConv2d', **cfg), in_channels, out_channels, 3, stride=stride,
+                padding=padding, dilation=dilation, groups=groups, norm_cfg=norm_cfg)
+        else:
+            self.branch_3x3 = _ConvBN(in_channels, out_channels, 3, stride, padding, dilation,
+                                      groups, norm_cfg)
+        self.branch_1x1 = _ConvBN(in_channels, out_channels, 1, stride, 0, 1, groups, norm_cfg)
+        self.branch_norm = (build_norm_layer(norm_cfg, in_channels)[1]
+                            if in_channels == out_channels and stride == 1 else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.deploy:
+            return self.act(self.branch_reparam(x))
+        out = self.branch_3x3(x) + self.branch_1x1(x)
+        if self.branch_norm is not None:
+            out = out + self.branch_norm(x)
+        return self.act(out)
+
+    def fused_kernel_and_bias(self) -> Tuple[Tensor, Tensor]:
+        if self.deploy:
+            return self.branch_reparam.weight, self.branch_reparam.bias
+        if isinstance(self.branch_3x3, ReparamConv2d):
+            w, b = self.branch_3x3.fused_kernel_and_bias()
+        else:
+            w, b = self.branch_3x3.fuse()
+        w1, b1 = self.branch_1x1.fuse()
+        w, b = w + K.pad_to(w1, 3), b + b1
+        if self.branch_norm is not None:
+            ident = K.identity_kernel(self.in_channels, self.groups, 3, w.dtype, w.device)
+            wi, bi = bn_fuse(ident, None, self.branch_norm)
+            w, b = w + wi, b + bi
+        return w, b
+
+    def switch_to_deploy(self):
+        """Fuse the branches into ``branch_reparam`` in place. Idempotent."""
+        if self.deploy:
+            return
+        with torch.no_grad():
+            w, b = self.fused_kernel_and_bias()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, self.padding,
+                         self.dilation, self.groups, bias=True, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+        for name in ('branch_3x3', 'branch_1x1', 'branch_norm'):
+            delattr(self, name)
+        self.branch_reparam = conv.train(self.training)
+        self.deploy = True

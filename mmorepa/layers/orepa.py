@@ -1,0 +1,269 @@
+"""OREPA conv layers: the OREPA block (Sec. 3.5, Fig. 6), Rep-1x1 and the linear deep stem."""
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from mmcv.cnn import build_norm_layer
+from torch import Tensor
+
+from .. import kernels as K
+from .base import ReparamConv2d, _pair_square
+
+# Branch names, in the row order of the scaling vector (the order of the official checkpoints).
+BRANCHES = ('kxk', '1x1_avg', '1x1_freq', '1x1_kxk', '1x1', 'dw_pw')
+# Initial scaling factors, supp 2.1.
+SCALE_INIT = {'1x1': 1.0, 'kxk': 0.25, '1x1_kxk': 0.5, '1x1_avg': 0.5, '1x1_freq': 0.0, 'dw_pw': 0.5}
+SCALINGS = ('vector', 'scalar', 'none')
+# Rep-1x1 branches (Sec. 3.5): a 1x1 and a 1x1-1x1 whose square factor starts as the identity.
+REP1X1_BRANCHES = ('1x1', '1x1_1x1')
+REP1X1_SCALE_INIT = {'1x1': 1.0, '1x1_1x1': 0.5}
+
+
+def _conv_init_(weight: Tensor) -> Tensor:
+    """PyTorch's default conv initialisation (uniform in +-1/sqrt(fan_in)), supp Table 1 "Conv"."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
+
+
+def _check_choice(value, choices, name):
+    if value not in choices:
+        raise ValueError(f'unknown {name} {value!r}; expected one of {list(choices)}')
+
+
+class _ScaledBranches:
+    """Mixin: per-branch linear scaling layers (Sec. 3.2), ``(M, C_out)``, ``(M, 1)`` or none."""
+
+    def _build_scales(self, branches, scaling, scale_init, defaults, out_channels):
+        _check_choice(scaling, SCALINGS, 'scaling')
+        init = dict(defaults)
+        if scale_init is not None:
+            for name in scale_init:
+                _check_choice(name, defaults, 'branch in scale_init')
+            init.update(scale_init)
+        self.scaling = scaling
+        if scaling == 'none':
+            self.scales = None
+            return
+        width = out_channels if scaling == 'vector' else 1
+        values = torch.tensor([init[b] for b in branches], dtype=torch.float32)
+        self.scales = nn.Parameter(values.reshape(-1, 1).repeat(1, width))
+
+    def _build_norm(self, norm_cfg, out_channels):
+        if norm_cfg is not None:
+            self.bn = build_norm_layer(norm_cfg, out_channels)[1]
+
+
+class OREPAConv2d(_ScaledBranches, ReparamConv2d):
+    """The OREPA block (Fig. 6): six linear branches squeezed online into one ``k x k`` conv.
+
+    Branches (any subset, by name): ``'kxk'``; ``'1x1'`` (centred); ``'1x1_kxk'`` (an identity-
+    initialised 1x1 then a ``k x k``); ``'1x1_avg'`` (1x1 then ``k x k`` average); ``'1x1_freq'``
+    (1x1 then the frequency prior of supp Table 1); ``'dw_pw'`` (linear depthwise-separable,
+    depthwise expansion ``dw_expansion``). Each is scaled per output channel (``scaling='vector'``),
+    by one scalar (``'scalar'``) or not at all (``'none'``) (Table 3), then summed (Eq. 4); the sum is
+    one kernel, convolved once.
+
+    ``norm_cfg``: the layer owns the post-addition norm (Sec. 3.2) when given; used as a conv in a
+    host network (``conv_cfg=dict(type='OREPA')``) it owns none and the host's norm plays that role.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None,
+                 dilation=1, groups: int = 1, bias: bool = False,
+                 branches: Sequence[str] = BRANCHES, scaling: str = 'vector',
+                 scale_init: Optional[Dict[str, float]] = None, norm_cfg: Optional[dict] = None,
+                 dw_expansion: int = 8, deploy: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, deploy)
+        branches = tuple(branches)
+        if not branches:
+            raise ValueError('branches must name at least one branch')
+        for b in branches:
+            _check_choice(b, BRANCHES, 'branch')
+        if len(set(branches)) != len(branches):
+            raise ValueError(f'branches has duplicates: {branches!r}')
+        if isinstance(dw_expansion, bool) or not isinstance(dw_expansion, int) or dw_expansion < 1:
+            raise ValueError(f'dw_expansion must be a positive int, got {dw_expansion!r}')
+        _check_choice(scaling, SCALINGS, 'scaling')
+        # Canonical order, whatever order the caller used.
+        self.branches = tuple(b for b in BRANCHES if b in branches)
+        self.dw_expansion = dw_expansion
+        if deploy:
+            self._init_deploy(bias or norm_cfg is not None)
+            return
+        k = self.kernel_size[0]
+        cin_g = in_channels // groups
+        ones_1x1 = (out_channels, cin_g, 1, 1)
+        if 'kxk' in self.branches:
+            self.weight_kxk = nn.Parameter(_conv_init_(torch.empty(out_channels, cin_g, k, k)))
+        if '1x1' in self.branches:
+            self.weight_1x1 = nn.Parameter(_conv_init_(torch.empty(ones_1x1)))
+        if '1x1_kxk' in self.branches:
+            # The 1x1 is identity + a learnable delta that starts at zero (supp Table 1, "iden.").
+            self.weight_1x1_kxk_idconv1 = nn.Parameter(torch.zeros(in_channels, cin_g, 1, 1))
+            self.register_buffer('identity', K.identity_kernel(in_channels, groups),
+                                 persistent=False)
+            self.weight_1x1_kxk_conv2 = nn.Parameter(
+                _conv_init_(torch.empty(out_channels, cin_g, k, k)))
+        if '1x1_avg' in self.branches:
+            self.weight_1x1_avg = nn.Parameter(_conv_init_(torch.empty(ones_1x1)))
+        if '1x1_freq' in self.branches:
+            self.weight_1x1_freq = nn.Parameter(_conv_init_(torch.empty(ones_1x1)))
+            self.register_buffer('freq_prior', K.frequency_prior(out_channels, k),
+                                 persistent=False)
+        if 'dw_pw' in self.branches:
+            m = dw_expansion
+            self.weight_dw = nn.Parameter(_conv_init_(torch.empty(in_channels * m, 1, k, k)))
+            self.weight_pw = nn.Parameter(
+                _conv_init_(torch.empty(out_channels, in_channels * m // groups, 1, 1)))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self._build_scales(self.branches, scaling, scale_init, SCALE_INIT, out_channels)
+        self._build_norm(norm_cfg, out_channels)
+
+    def branch_kernels(self) -> Dict[str, Tensor]:
+        """Each branch's ``k x k`` kernel before scaling (Eq. 3 applied branch by branch)."""
+        k, g = self.kernel_size[0], self.groups
+        out = {}
+        for b in self.branches:
+            if b == 'kxk':
+                out[b] = self.weight_kxk
+            elif b == '1x1':
+                out[b] = K.pad_to(self.weight_1x1, k)
+            elif b == '1x1_kxk':
+                first = self.identity + self.weight_1x1_kxk_idconv1
+                out[b] = K.compose_1x1(first, self.weight_1x1_kxk_conv2, g)
+            elif b == '1x1_avg':
+                avg = K.avg_kernel(k, self.weight_1x1_avg.dtype, self.weight_1x1_avg.device)
+                out[b] = K.compose_1x1_depthwise(self.weight_1x1_avg, avg)
+            elif b == '1x1_freq':
+                out[b] = K.compose_1x1_depthwise(self.weight_1x1_freq, self.freq_prior)
+            elif b == 'dw_pw':
+                out[b] = K.dw_pw_to_full(self.weight_dw, self.weight_pw, self.in_channels, g)
+        return out
+
+    def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
+        return K.scaled_sum(self.branch_kernels().values(), self.scales), self.bias
+
+
+class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
+    """Rep-1x1 (Sec. 3.5): a 1x1 conv plus a 1x1-1x1 sequence, each scaled, squeezed online.
+
+    The square factor of the 1x1-1x1 pair (``weight_1x1_1x1_conv1`` when ``C_in <= C_out``, else
+    ``weight_1x1_1x1_conv2``) starts as the identity, so the pair starts as a plain learnable 1x1;
+    the intermediate width is ``min(C_in, C_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False,
+                 branches: Sequence[str] = REP1X1_BRANCHES, scaling: str = 'vector',
+                 scale_init: Optional[Dict[str, float]] = None, norm_cfg: Optional[dict] = None,
+                 deploy: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, deploy)
+        if self.kernel_size != (1, 1):
+            raise ValueError(f'OREPAConv1x1 needs kernel_size=1, got {kernel_size!r}')
+        branches = tuple(branches)
+        if not branches:
+            raise ValueError('branches must name at least one branch')
+        for b in branches:
+            _check_choice(b, REP1X1_BRANCHES, 'branch')
+        _check_choice(scaling, SCALINGS, 'scaling')
+        self.branches = tuple(b for b in REP1X1_BRANCHES if b in branches)
+        if deploy:
+            self._init_deploy(bias or norm_cfg is not None)
+            return
+        cin_g = in_channels // groups
+        if '1x1' in self.branches:
+            self.weight_1x1 = nn.Parameter(_conv_init_(torch.empty(out_channels, cin_g, 1, 1)))
+        if '1x1_1x1' in self.branches:
+            mid = min(in_channels, out_channels)
+            conv1 = torch.empty(mid, cin_g, 1, 1)
+            conv2 = torch.empty(out_channels, mid // groups, 1, 1)
+            if in_channels <= out_channels:
+                conv1.copy_(K.identity_kernel(mid, groups))
+                _conv_init_(conv2)
+            else:
+                _conv_init_(conv1)
+                conv2.copy_(K.identity_kernel(mid, groups))
+            self.weight_1x1_1x1_conv1 = nn.Parameter(conv1)
+            self.weight_1x1_1x1_conv2 = nn.Parameter(conv2)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self._build_scales(self.branches, scaling, scale_init, REP1X1_SCALE_INIT, out_channels)
+        self._build_norm(norm_cfg, out_channels)
+
+    def branch_kernels(self) -> Dict[str, Tensor]:
+        out = {}
+        if '1x1' in self.branches:
+            out['1x1'] = self.weight_1x1
+        if '1x1_1x1' in self.branches:
+            out['1x1_1x1'] = K.compose_1x1(self.weight_1x1_1x1_conv1, self.weight_1x1_1x1_conv2,
+                                           self.groups)
+        return out
+
+    def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
+        return K.scaled_sum(self.branch_kernels().values(), self.scales), self.bias
+
+
+class OREPALargeConv(ReparamConv2d):
+    """The linear deep stem (Sec. 3.5): a ``k x k`` kernel (odd ``k >= 5``) squeezed from
+    ``(k - 1) / 2`` stacked 3x3 OREPA generators (``C_in -> C_out -> ... -> C_out``, no norm of
+    their own), composed with Eq. 3 and applied once with the layer's stride and padding.
+
+    ``generator_cfg`` is passed to each :class:`OREPAConv2d` generator (branches, scaling, ...).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=7, stride=1, padding=None,
+                 dilation=1, groups: int = 1, bias: bool = False, norm_cfg: Optional[dict] = None,
+                 generator_cfg: Optional[dict] = None, deploy: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, deploy)
+        k = self.kernel_size[0]
+        if k < 5:
+            raise ValueError(f'OREPALargeConv needs an odd kernel_size >= 5, got {kernel_size!r}')
+        if deploy:
+            self._init_deploy(bias or norm_cfg is not None)
+            return
+        cfg = dict(generator_cfg or {})
+        for key in ('norm_cfg', 'bias', 'deploy', 'kernel_size'):
+            if key in cfg:
+                raise ValueError(f'generator_cfg may not set {key!r}')
+        channels = [in_channels] + [out_channels] * ((k - 1) // 2)
+        self.generators = nn.ModuleList(
+            OREPAConv2d(cin, cout, 3, groups=groups, **cfg)
+            for cin, cout in zip(channels[:-1], channels[1:]))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        if norm_cfg is not None:
+            self.bn = build_norm_layer(norm_cfg, out_channels)[1]
+
+    def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
+        kernel = None
+        for gen in self.generators:
+            w, _ = gen.squeeze()
+            kernel = w if kernel is None else K.compose(kernel, w, self.groups)
+        return kernel, self.bias
+
+
+def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+          groups: int = 1, bias: bool = True, branches: Sequence[str] = BRANCHES,
+          rep1x1_branches: Sequence[str] = REP1X1_BRANCHES, scaling: str = 'vector',
+          norm_cfg: Optional[dict] = None, deploy: bool = False) -> ReparamConv2d:
+    """The ``conv_cfg`` type: ``nn.Conv2d``'s signature, the OREPA layer chosen by kernel size.
+
+    1: :class:`OREPAConv1x1` (Rep-1x1, branches ``rep1x1_branches``); 3: :class:`OREPAConv2d`
+    (``branches``); odd >= 5: :class:`OREPALargeConv` (the linear deep stem, generators with
+    ``branches``). ``conv_cfg=dict(type='OREPA')`` turns a stock ResNet into an OREPA-ResNet; the
+    other keys of ``conv_cfg`` (``branches``, ``scaling``, ...) select the ablations of Tables 2, 3.
+    """
+    k = _pair_square(kernel_size, 'kernel_size')
+    common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                  norm_cfg=norm_cfg, deploy=deploy)
+    if k == 1:
+        return OREPAConv1x1(in_channels, out_channels, 1, branches=rep1x1_branches,
+                            scaling=scaling, **common)
+    if k == 3:
+        return OREPAConv2d(in_channels, out_channels, 3, branches=branches, scaling=scaling,
+                           **common)
+    if k >= 5 and k % 2:
+        return OREPALargeConv(in_channels, out_channels, k, **common,
+                              generator_cfg=dict(branches=branches, scaling=scaling))
+    raise ValueError(f'OREPA supports kernel_size 1, 3 or odd >= 5, got {kernel_size!r}')

@@ -1,0 +1,28 @@
+"""mmorepa: Online Convolutional Re-parameterization (OREPA, CVPR 2022) for OpenMMLab."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def read_requirements(name):
+    lines = (ROOT / 'requirements' / name).read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith('#')]
+
+
+setup(
+    name='mmorepa',
+    version='0.1.0',
+    description='Online Convolutional Re-parameterization (OREPA) for mmpretrain, mmdet and mmseg',
+    long_description=(ROOT / 'README.md').read_text() if (ROOT / 'README.md').exists() else '',
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['mmorepa', 'mmorepa.*']),
+    python_requires='>=3.9',
+    install_requires=read_requirements('runtime.txt') + ['torch', 'mmengine'],
+    extras_require={
+        'mm': read_requirements('mminstall.txt'),
+        'tests': read_requirements('tests.txt'),
+    },
+    license='Apache-2.0',
+)

@@ -1,0 +1,93 @@
+"""Shared test helpers: random non-trivial parameters and statistics, explicit references."""
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def randomize_(module: torch.nn.Module, generator=None) -> torch.nn.Module:
+    """Give every parameter random values and every BN random running statistics (never zeros)."""
+    g = generator
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+        for m in module.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+    return module
+
+
+def randomize_network_(model: torch.nn.Module, generator=None) -> torch.nn.Module:
+    """For whole networks: keep the (random) default conv init, which keeps activations in range,
+    and draw random BN statistics and affine parameters and random scaling vectors."""
+    g = generator
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('scales'):
+                p.mul_(torch.rand(p.shape, generator=g) + 0.5)
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def conv(x, w, stride=1, padding=0, dilation=1, groups=1):
+    return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+
+def bn_eval(x, bn):
+    return F.batch_norm(x, bn.running_mean.to(x.dtype), bn.running_var.to(x.dtype),
+                        None if bn.weight is None else bn.weight.to(x.dtype),
+                        None if bn.bias is None else bn.bias.to(x.dtype), False, 0.0, bn.eps)
+
+
+def orepa_explicit(layer, x):
+    """The OREPA block of Fig. 6 computed branch by branch on feature maps (no squeezing), with
+    the layer's own parameters: the reference for Eq. 3-4. Needs "same" padding."""
+    k, s, d, g = layer.kernel_size[0], layer.stride[0], layer.dilation[0], layer.groups
+    p = layer.padding[0]
+    assert p == d * (k - 1) // 2
+    c_out = layer.out_channels
+    outs = {}
+    for b in layer.branches:
+        if b == 'kxk':
+            y = conv(x, layer.weight_kxk, s, p, d, g)
+        elif b == '1x1':
+            y = conv(x, layer.weight_1x1, s, 0, 1, g)
+        elif b == '1x1_kxk':
+            mid = conv(x, layer.identity.to(x.dtype) + layer.weight_1x1_kxk_idconv1, 1, 0, 1, g)
+            y = conv(mid, layer.weight_1x1_kxk_conv2, s, p, d, g)
+        elif b == '1x1_avg':
+            mid = conv(x, layer.weight_1x1_avg, 1, 0, 1, g)
+            if d == 1:
+                y = F.avg_pool2d(mid, k, s, p, count_include_pad=True)
+            else:
+                avg = torch.full((c_out, 1, k, k), 1.0 / k ** 2, dtype=x.dtype)
+                y = conv(mid, avg, s, p, d, c_out)
+        elif b == '1x1_freq':
+            mid = conv(x, layer.weight_1x1_freq, 1, 0, 1, g)
+            y = conv(mid, layer.freq_prior.to(x.dtype).unsqueeze(1), s, p, d, c_out)
+        elif b == 'dw_pw':
+            mid = conv(x, layer.weight_dw, s, p, d, layer.in_channels)
+            y = conv(mid, layer.weight_pw, 1, 0, 1, g)
+        outs[b] = y
+    total = 0
+    for i, b in enumerate(layer.branches):
+        scale = 1.0 if layer.scales is None else layer.scales[i].reshape(1, -1, 1, 1)
+        total = total + scale * outs[b]
+    if layer.bias is not None:
+        total = total + layer.bias.reshape(1, -1, 1, 1)
+    return total

@@ -1,0 +1,90 @@
+"""mmengine Runner checkpoints load under torch's weights_only default, and resume."""
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch.utils.data import Dataset
+
+import mmorepa  # noqa: F401  (registers the safe globals)
+from mmorepa.layers import OREPAConv2d
+
+
+class _Tiny(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.conv = OREPAConv2d(3, 4, 3, norm_cfg=dict(type='BN'))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, inputs, labels=None, mode='tensor'):
+        logits = self.head(self.conv(inputs).mean((2, 3)))
+        if mode == 'loss':
+            return dict(loss=nn.functional.cross_entropy(logits, labels))
+        return logits
+
+
+class _Data(Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 3, 8, 8, generator=g)
+        self.y = torch.randint(0, 2, (16,), generator=g)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return dict(inputs=self.x[i], labels=self.y[i])
+
+
+def _runner(work_dir, max_iters, resume=False, name='r'):
+    return Runner(
+        model=_Tiny(), work_dir=str(work_dir), experiment_name=f'{name}{max_iters}{resume}',
+        train_dataloader=dict(dataset=_Data(), batch_size=4, num_workers=0,
+                              sampler=dict(type='DefaultSampler', shuffle=True),
+                              collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False),
+                           logger=dict(type='LoggerHook', interval=1)),
+        randomness=dict(seed=0), resume=resume, default_scope=None)
+
+
+def test_runner_checkpoint_loads_weights_only_and_resumes(tmp_path):
+    _runner(tmp_path, 4).train()
+    ckpt = tmp_path / 'iter_4.pth'
+    # the checkpoint holds mmengine / numpy objects, yet loads with weights_only=True
+    data = torch.load(ckpt, map_location='cpu', weights_only=True)
+    assert data['meta']['iter'] == 4 and 'message_hub' in data
+    assert any(type(v).__name__ == 'HistoryBuffer'
+               for v in data['message_hub']['log_scalars'].values())
+    resumed = _runner(tmp_path, 6, resume=True)
+    resumed.train()
+    assert resumed.iter == 6
+    final = torch.load(tmp_path / 'iter_6.pth', map_location='cpu', weights_only=True)
+    assert final['meta']['iter'] == 6
+    assert set(final['state_dict']) == set(data['state_dict'])
+
+
+def test_arbitrary_pickles_stay_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ('pwned',))
+
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:
+        pickle.dump({'state_dict': {}, 'x': Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_getattr_is_limited_to_history_buffer_methods(tmp_path):
+    class Sneaky:
+        def __reduce__(self):
+            return (getattr, (torch.Tensor, 'add_'))
+
+    path = tmp_path / 'sneaky.pth'
+    torch.save({'x': Sneaky()}, path)
+    with pytest.raises(pickle.UnpicklingError, match='add_'):
+        torch.load(path, weights_only=True)
