@@ -30,7 +30,10 @@ def _history_buffer_getattr(obj, name):
     """Stands in for ``builtins.getattr`` while unpickling: mmengine pickles the statistics methods
     of ``HistoryBuffer`` as ``getattr(HistoryBuffer, 'mean')``; nothing else is resolved."""
     from mmengine.logging import HistoryBuffer
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+
+    # the built-in statistics are registered lazily (on the first instance), custom ones eagerly
+    allowed = set(HistoryBuffer._statistics_methods) | {'min', 'max', 'mean', 'current'}
+    if obj is HistoryBuffer and name in allowed:
         return getattr(obj, name)
     raise pickle.UnpicklingError(f'checkpoint asks for getattr({obj!r}, {name!r}); only '
                                  'HistoryBuffer statistics methods are allowed')

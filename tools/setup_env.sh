@@ -37,6 +37,7 @@ PIP=("$PY" -m pip install --disable-pip-version-check --no-input)
 "${PIP[@]}" -q --upgrade pip
 log "installing torch + torchvision"
 "${PIP[@]}" -q -r "$ROOT/requirements/torch.txt"
+"${PIP[@]}" -q -r "$ROOT/requirements/build.txt"
 
 TORCH_TAG="$("$PY" -c 'import sys, torch; v = torch.__version__.split("+")[0]; print("torch%s-py%d%d" % (v, *sys.version_info[:2]))')"
 WHEEL_DIR="$CACHE/mmcv-$MMCV_VERSION-$TORCH_TAG"
@@ -44,8 +45,6 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'
     wheel="$(ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
     if [[ -z "$wheel" ]]; then
         log "building mmcv $MMCV_VERSION with its ops from source (about 10 minutes on 2 cores)"
-        # torch wants a newer setuptools; the old one is needed only for this build and undone below.
-        "${PIP[@]}" -q -r "$ROOT/requirements/build.txt"
         work="$(mktemp -d)"
         trap 'rm -rf "$work"' EXIT
         "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
@@ -62,7 +61,6 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'
         cp "$built" "$WHEEL_DIR/.partial.whl"
         mv "$WHEEL_DIR/.partial.whl" "$WHEEL_DIR/$(basename "$built")"
         wheel="$WHEEL_DIR/$(basename "$built")"
-        "${PIP[@]}" -q 'setuptools>=77.0.3'
     else
         log "reusing cached $wheel"
     fi

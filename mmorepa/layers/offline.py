@@ -145,21 +145,30 @@ def _bias_through(kernel: Tensor, bias: Tensor, groups: int) -> Tensor:
     return torch.einsum('goi,gi->go', summed, bias.reshape(groups, cin_g)).reshape(c_out)
 
 
-class RepVGGBlock(nn.Module):
-    """The RepVGG block: ``kxk-BN + 1x1-BN (+ BN identity)``, then the activation.
+REPVGG_BRANCHES = ('kxk', '1x1', 'identity')
 
-    ``orepa=True`` gives the OREPA-VGG block of supp 2.4: the same three branches, the ``kxk``
-    branch an :class:`~mmorepa.layers.OREPAConv2d` with its own post-addition BN. Attribute names
-    follow mmpretrain's ``RepVGGBlock``, so a fused block loads into mmpretrain's ``RepVGG`` with
-    ``deploy=True`` (``branch_reparam``).
+
+class RepVGGBlock(nn.Module):
+    """The RepVGG block: ``3x3-BN + 1x1-BN (+ BN identity)``, then the activation.
+
+    ``orepa=True`` gives the OREPA-VGG block of supp 2.4: the same three branches, the ``3x3``
+    branch an :class:`~mmorepa.layers.OREPAConv2d` (options ``orepa_cfg``) with its own BN.
+    ``branches`` keeps a subset (``('kxk',)`` is the plain conv-BN-ReLU block of supp Table 3,
+    "None"). Attribute names follow mmpretrain's ``RepVGGBlock``, so a fused block loads into
+    mmpretrain's ``RepVGG`` with ``deploy=True`` (``branch_reparam``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride=1, padding=1, dilation=1,
                  groups: int = 1, orepa: bool = False, orepa_cfg: Optional[dict] = None,
-                 norm_cfg: dict = dict(type='BN'), act_cfg: Optional[dict] = dict(type='ReLU'),
-                 deploy: bool = False):
+                 branches=REPVGG_BRANCHES, norm_cfg: dict = dict(type='BN'),
+                 act_cfg: Optional[dict] = dict(type='ReLU'), deploy: bool = False):
         super().__init__()
         check_conv_args(in_channels, out_channels, 3, stride, padding, dilation, groups)
+        for b in branches:
+            if b not in REPVGG_BRANCHES:
+                raise ValueError(f'unknown branch {b!r}; expected one of {list(REPVGG_BRANCHES)}')
+        if 'kxk' not in branches:
+            raise ValueError(f"branches {tuple(branches)!r} must include 'kxk'")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.deploy = deploy
@@ -172,21 +181,25 @@ class RepVGGBlock(nn.Module):
             raise ValueError(f'RepVGGBlock needs padding == dilation, got padding={padding!r}, '
                              f'dilation={dilation!r}')
         if orepa:
-            cfg = dict(orepa_cfg or {})
             self.branch_3x3 = build_conv_layer(
-                dict(type='OREPAConv2d', **cfg), in_channels, out_channels, 3, stride=stride,
-                padding=padding, dilation=dilation, groups=groups, norm_cfg=norm_cfg)
+                dict(type='OREPAConv2d', **(orepa_cfg or {})), in_channels, out_channels, 3,
+                stride=stride, padding=padding, dilation=dilation, groups=groups,
+                norm_cfg=norm_cfg)
         else:
             self.branch_3x3 = _ConvBN(in_channels, out_channels, 3, stride, padding, dilation,
                                       groups, norm_cfg)
-        self.branch_1x1 = _ConvBN(in_channels, out_channels, 1, stride, 0, 1, groups, norm_cfg)
+        self.branch_1x1 = (_ConvBN(in_channels, out_channels, 1, stride, 0, 1, groups, norm_cfg)
+                           if '1x1' in branches else None)
         self.branch_norm = (build_norm_layer(norm_cfg, in_channels)[1]
-                            if in_channels == out_channels and stride == 1 else None)
+                            if 'identity' in branches and in_channels == out_channels
+                            and stride == 1 else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deploy:
             return self.act(self.branch_reparam(x))
-        out = self.branch_3x3(x) + self.branch_1x1(x)
+        out = self.branch_3x3(x)
+        if self.branch_1x1 is not None:
+            out = out + self.branch_1x1(x)
         if self.branch_norm is not None:
             out = out + self.branch_norm(x)
         return self.act(out)
@@ -198,8 +211,9 @@ class RepVGGBlock(nn.Module):
             w, b = self.branch_3x3.fused_kernel_and_bias()
         else:
             w, b = self.branch_3x3.fuse()
-        w1, b1 = self.branch_1x1.fuse()
-        w, b = w + K.pad_to(w1, 3), b + b1
+        if self.branch_1x1 is not None:
+            w1, b1 = self.branch_1x1.fuse()
+            w, b = w + K.pad_to(w1, 3), b + b1
         if self.branch_norm is not None:
             ident = K.identity_kernel(self.in_channels, self.groups, 3, w.dtype, w.device)
             wi, bi = bn_fuse(ident, None, self.branch_norm)

@@ -1,0 +1,2 @@
+_base_ = '../_base_/orepa_imagenet_120e.py'
+model = dict(backbone=dict(depth=34, reparam='orepa'))

@@ -1,0 +1,198 @@
+"""Turning a trained model into a deployable one: strict checkpoint loading with clear errors,
+fusion, the stock-backbone deploy config, and atomic writes."""
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from mmengine.config import Config, ConfigDict
+from mmengine.registry import MODELS, init_default_scope
+
+from .reparameterize import reparameterize
+
+# conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).
+CONV_TYPES = ('OREPA', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv', 'DiverseBranchBlock')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def read_state_dict(path) -> Dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file (``state_dict`` / ``model`` entry, or the file itself),
+    loaded with ``weights_only=True``; ``module.`` prefixes of DDP checkpoints are removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # corrupt, truncated, or holding objects we refuse to unpickle
+        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
+    if isinstance(data, dict):
+        for key in ('state_dict', 'model'):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f'{path} holds no state dict of tensors')
+    if data and all(k.startswith('module.') for k in data):
+        data = {k[len('module.'):]: v for k, v in data.items()}
+    return data
+
+
+def check_state_dict_fits(model: nn.Module, state_dict: Dict[str, torch.Tensor], source='') -> None:
+    """Raise :class:`CheckpointError` naming the first key that does not fit ``model``."""
+    own = model.state_dict()
+    where = f' in {source}' if source else ''
+    for key, value in state_dict.items():
+        if key not in own:
+            raise CheckpointError(f'unexpected key {key!r}{where}: the model has no such entry')
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(f'size mismatch for {key!r}{where}: checkpoint '
+                                  f'{tuple(value.shape)}, model {tuple(own[key].shape)}')
+    for key in own:
+        if key not in state_dict:
+            raise CheckpointError(f'missing key {key!r}{where}: the checkpoint lacks it')
+
+
+def load_checkpoint_strict(model: nn.Module, path) -> nn.Module:
+    """Load a checkpoint into ``model`` with ``strict=True`` and errors that name the bad key."""
+    state_dict = read_state_dict(path)
+    check_state_dict_fits(model, state_dict, str(path))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """Build ``cfg.model`` in the config's toolbox (its ``default_scope``)."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.get('custom_imports'):
+        from mmengine.utils import import_modules_from_strings
+        import_modules_from_strings(**cfg.custom_imports)
+    init_default_scope(cfg.get('default_scope', None))
+    model = cfg.model
+    if isinstance(model, (dict, ConfigDict)):
+        model = MODELS.build(model)
+    return model
+
+
+def _deploy_model_cfg(node):
+    """Replace, recursively, mmorepa backbones by their stock form and drop mmorepa conv types."""
+    if isinstance(node, (list, tuple)):
+        return type(node)(_deploy_model_cfg(v) for v in node)
+    if not isinstance(node, dict):
+        return node
+    node = {k: _deploy_model_cfg(v) for k, v in node.items()}
+    conv_cfg = node.get('conv_cfg')
+    if isinstance(conv_cfg, dict) and conv_cfg.get('type') in CONV_TYPES:
+        node['conv_cfg'] = None
+    cls = MODELS.get(node['type']) if isinstance(node.get('type'), str) else None
+    if cls is not None and hasattr(cls, 'stock_cfg'):
+        node = cls.stock_cfg(node)
+    return node
+
+
+def deploy_config(cfg: Config) -> Config:
+    """The deploy form of a config: stock backbones (no mmorepa needed), no pretrained init."""
+    cfg = copy.deepcopy(cfg)
+    init_default_scope(cfg.get('default_scope', None))
+    model = _deploy_model_cfg(cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else cfg.model)
+    _drop_key(model, 'init_cfg')
+    cfg.model = model
+    imports = cfg.get('custom_imports')
+    if imports:
+        kept = [m for m in imports.get('imports', []) if m != 'mmorepa'
+                and not m.startswith('mmorepa.')]
+        if kept:
+            cfg.custom_imports = dict(imports, imports=kept)
+        else:
+            cfg.pop('custom_imports')
+    cfg.load_from = None
+    return cfg
+
+
+def _drop_key(node, key):
+    if isinstance(node, dict):
+        node.pop(key, None)
+        for v in node.values():
+            _drop_key(v, key)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _drop_key(v, key)
+
+
+def atomic_write(path, write_fn) -> Path:
+    """Write ``path`` through ``write_fn(tmp_path)`` and rename into place: readers never see a
+    partial file, and an interrupted write leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model.extract_feat(x) if hasattr(model, 'extract_feat') else model(x)
+    flat = []
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            flat.append(o.flatten())
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                collect(v)
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+    collect(out)
+    return torch.cat(flat)
+
+
+def fusion_error(model: nn.Module, fused: nn.Module, input_shape=(2, 3, 128, 128),
+                 seed: int = 0) -> float:
+    """Relative error between the features of ``model`` and ``fused`` on a random input."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*input_shape, generator=g)
+    model.eval()
+    fused.eval()
+    with torch.no_grad():
+        a, b = _features(fused, x), _features(model, x)
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def convert(config, checkpoint, output, input_shape=(2, 3, 128, 128),
+            cfg_options: Optional[dict] = None) -> Tuple[Path, Path, float]:
+    """Fuse ``checkpoint`` of ``config`` into a stock-backbone checkpoint ``output`` and write the
+    deploy config beside it (``output`` with ``.py``). Returns both paths and the fusion error."""
+    config, checkpoint, output = Path(config), Path(checkpoint), Path(output)
+    if not config.is_file():
+        raise FileNotFoundError(f'config not found: {config}')
+    deploy_cfg_path = output.with_suffix('.py')
+    for out in (output, deploy_cfg_path):
+        for src in (checkpoint, config):
+            if src.exists() and out.resolve() == src.resolve():
+                raise ValueError(f'refusing to overwrite the input {src} with an output')
+    cfg = Config.fromfile(str(config))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    model = build_model(cfg)
+    load_checkpoint_strict(model, checkpoint)
+    model.eval()
+    fused = reparameterize(model)
+    err = fusion_error(model, fused, input_shape)
+    stock_cfg = deploy_config(cfg)
+    stock = build_model(stock_cfg)
+    check_state_dict_fits(stock, fused.state_dict(), 'the fused model vs the deploy config')
+    meta = dict(mmorepa_fused_from=str(checkpoint), config=str(config), fusion_rel_err=err)
+    atomic_write(output, lambda p: torch.save(dict(state_dict=fused.state_dict(), meta=meta), p))
+    atomic_write(deploy_cfg_path, lambda p: stock_cfg.dump(p))
+    return output, deploy_cfg_path, err

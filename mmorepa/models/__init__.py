@@ -1,0 +1,3 @@
+from .backbones import OREPAVGG, OREPAResNet
+
+__all__ = ['OREPAResNet', 'OREPAVGG']

@@ -1,0 +1,72 @@
+"""Test a checkpoint with an mmpretrain, mmdet or mmseg config (chosen by its ``default_scope``).
+
+    python tools/test.py CONFIG CHECKPOINT [--deploy] [--work-dir DIR] [--out FILE]
+                         [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
+
+``--deploy`` fuses every re-parameterized block (a plain, fast model) after loading and before
+testing; the checkpoint file is not touched.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import mmorepa  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test a checkpoint with mmengine\'s Runner')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--deploy', action='store_true',
+                        help='fuse the re-parameterized blocks before testing')
+    parser.add_argument('--work-dir', help='the dir to save logs and metrics')
+    parser.add_argument('--out', help='write the metrics to this JSON file')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for path in (args.config, args.checkpoint):
+        if not osp.isfile(path):
+            raise SystemExit(f'file not found: {path}')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = None
+    cfg.resume = False
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    model = runner.model.module if hasattr(runner.model, 'module') else runner.model
+    mmorepa.deploy.load_checkpoint_strict(model, args.checkpoint)
+    if args.deploy:
+        mmorepa.reparameterize(model, inplace=True)
+    runner._has_loaded = True  # the checkpoint is in (and possibly fused): no reload
+    metrics = runner.test()
+    if args.out:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        mmorepa.deploy.atomic_write(args.out, lambda p: open(p, 'w').write(json.dumps(metrics)))
+    return metrics
+
+
+if __name__ == '__main__':
+    main()
