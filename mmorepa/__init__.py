@@ -8,13 +8,14 @@ from . import kernels
 from .checkpoint import allow_mmengine_checkpoints
 from .layers import (OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv,
                      RepVGGBlock, ReparamConv2d)
-from .reparameterize import reparameterize
-from . import datasets, deploy  # noqa: E402
+from .reparameterize import reparameterize, unfused_eval
+from . import datasets, deploy, runtime  # noqa: E402
 from .models import OREPAVGG, OREPAResNet  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['kernels', 'reparameterize', 'OREPA', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
            'DiverseBranchBlock', 'RepVGGBlock', 'ReparamConv2d', 'allow_mmengine_checkpoints',
+           'unfused_eval',
            'OREPAResNet', 'OREPAVGG']
 
 allow_mmengine_checkpoints()

@@ -1,4 +1,5 @@
 """One generic walker that fuses every re-parameterizable block of a model."""
+import contextlib
 import copy
 
 import torch.nn as nn
@@ -42,3 +43,15 @@ def fuse_children(module: nn.Module):
             child.switch_to_deploy()
         else:
             fuse_children(child)
+
+
+@contextlib.contextmanager
+def unfused_eval(model: nn.Module):
+    """Within this context, every re-parameterizable layer of ``model`` evaluates without its
+    eval-mode shortcut (one conv with the cached, norm-folded kernel): it squeezes its branches,
+    convolves and applies its own norm on the feature maps. A reference for checking fusion."""
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, ReparamConv2d):
+                stack.enter_context(m.unfolded())
+        yield model

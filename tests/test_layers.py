@@ -318,3 +318,24 @@ def test_scale_inits_follow_supp_2_1():
         assert torch.all(layer.scales[i] == want[b]), b
     # the 1x1-kxk branch starts as a plain kxk conv (identity 1x1)
     assert torch.equal(layer.branch_kernels()['1x1_kxk'], layer.weight_1x1_kxk_conv2)
+
+
+def test_unfused_eval_is_an_independent_reference():
+    torch.manual_seed(11)
+    model = nn.Sequential(OREPAConv2d(4, 8, 3, norm_cfg=BN), nn.ReLU(),
+                          OREPALargeConv(8, 8, 5, norm_cfg=BN))
+    randomize_(model).eval()
+    x = _input(4)
+    with torch.no_grad():
+        folded = model(x)
+        assert model[0]._kernel_cache is not None
+        with mmorepa.unfused_eval(model):
+            ref = model(x)
+            first = model[0](x)
+            # squeeze -> conv -> BN on feature maps, by hand
+            k, b = model[0].squeeze()
+            manual = bn_eval(F.conv2d(x, k, b, 1, 1), model[0].bn)
+    assert model[0].fold_norm_in_eval and model[2].fold_norm_in_eval  # restored on exit
+    assert rel_err(first, manual) <= 1e-6
+    assert rel_err(ref, folded) <= 1e-5
+    assert not torch.equal(ref, folded)  # a different computation, not the cached kernel

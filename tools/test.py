@@ -46,7 +46,7 @@ def main(argv=None):
         if not osp.isfile(path):
             raise SystemExit(f'file not found: {path}')
     cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
+    mmorepa.runtime.prepare_launch(cfg, args.launcher)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     if args.work_dir is not None:

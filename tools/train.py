@@ -14,7 +14,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import mmorepa  # noqa: E402,F401  (registers OREPA layers and backbones)
+import mmorepa  # noqa: E402  (registers OREPA layers and backbones)
 
 
 def parse_args(argv=None):
@@ -40,7 +40,7 @@ def setup_cfg(args) -> Config:
     if not osp.isfile(args.config):
         raise SystemExit(f'config not found: {args.config}')
     cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
+    mmorepa.runtime.prepare_launch(cfg, args.launcher)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     if args.work_dir is not None:

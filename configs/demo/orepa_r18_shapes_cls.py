@@ -22,7 +22,7 @@ train_pipeline = [
 ]
 test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
 train_dataloader = dict(
-    batch_size=16, num_workers=0,
+    batch_size=64, num_workers=0,
     dataset=dict(type='CustomDataset', data_root=data_root, data_prefix='train',
                  pipeline=train_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=True))
@@ -37,7 +37,7 @@ test_evaluator = val_evaluator
 
 optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-4))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=6),
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=10),
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, T_max=8),
 ]
 train_cfg = dict(by_epoch=True, max_epochs=8, val_interval=8)

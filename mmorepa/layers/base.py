@@ -13,6 +13,7 @@ In eval mode the squeezed kernel is cached until a parameter or buffer changes (
 and version counter are checked on every call, so an optimizer step, ``load_state_dict`` or ``.to()``
 invalidate it). Train mode always regenerates the kernel.
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -98,6 +99,7 @@ class ReparamConv2d(nn.Module):
         self.groups = groups
         self.deploy = deploy
         self._kernel_cache = None
+        self.fold_norm_in_eval = True
         self.bn = None
 
     # -- to be provided by subclasses -----------------------------------------------------------
@@ -152,13 +154,24 @@ class ReparamConv2d(nn.Module):
         if self.deploy:
             return self._conv(x, self.weight, self.bias)
         norm_frozen = self.bn is None or not self.bn.training
-        if not self.training and norm_frozen:
+        if not self.training and norm_frozen and self.fold_norm_in_eval:
             needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             kernel, bias = self.fused_kernel_and_bias() if needs_grad else self._cached_fused()
             return self._conv(x, kernel, bias)
         kernel, bias = self.squeeze()
         out = self._conv(x, kernel, bias)
         return self.bn(out) if self.bn is not None else out
+
+    @contextlib.contextmanager
+    def unfolded(self):
+        """Within this context, eval mode computes squeeze -> conv -> own norm on feature maps
+        instead of one conv with the cached, norm-folded kernel (an independent reference)."""
+        saved = self.fold_norm_in_eval
+        self.fold_norm_in_eval = False
+        try:
+            yield self
+        finally:
+            self.fold_norm_in_eval = saved
 
     def switch_to_deploy(self):
         """Fuse in place: keep only ``weight`` and ``bias``, as a plain conv. Idempotent."""

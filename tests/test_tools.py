@@ -1,0 +1,143 @@
+"""The tools end to end: the main job (--quick), test --deploy, deploy_convert's refusals,
+distributed training (2 processes, gloo), and kill-then-resume equivalence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmorepa  # noqa: F401  (mmengine checkpoints load under weights_only=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CLS_CFG = 'configs/demo/orepa_r18_shapes_cls.py'
+
+
+def _run(args, check=True, **kw):
+    proc = subprocess.run([PY] + [str(a) for a in args], cwd=ROOT, capture_output=True,
+                          text=True, **kw)
+    if check and proc.returncode:
+        raise AssertionError(f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    """One quick run of the main job: all three toolboxes, train -> test -> fuse -> test."""
+    base = tmp_path_factory.mktemp('demo')
+    data, work = base / 'data', base / 'work'
+    _run(['tools/demo.py', '--quick', '--work-dir', work, '--data-root', data])
+    return data, work
+
+
+def test_demo_quick_fused_metrics_equal(demo):
+    _, work = demo
+    rows = json.loads((work / 'summary.json').read_text())
+    assert [r['task'] for r in rows] == ['classification', 'detection', 'segmentation']
+    for r in rows:
+        assert r['before'] == pytest.approx(r['after'], abs=1e-9), r
+        assert 0 < r['err'] <= 1e-5, r  # a real, independent comparison (float64 reference)
+        deploy_cfg = (work / r['task'] / 'deploy' / 'fused.py').read_text()
+        assert 'mmorepa' not in deploy_cfg and 'OREPA' not in deploy_cfg
+    seg_cfg = (work / 'segmentation' / 'deploy' / 'fused.py').read_text()
+    assert "type='ResNet'" in seg_cfg and 'contract_dilation=True' in seg_cfg
+
+
+def test_test_deploy_flag_gives_the_same_metrics(demo, tmp_path):
+    data, work = demo
+    ckpt = (work / 'classification' / 'train' / 'last_checkpoint').read_text().strip()
+    opts = ['--cfg-options', f'test_dataloader.dataset.data_root={data}/cls']
+    plain = tmp_path / 'plain.json'
+    fused = tmp_path / 'fused.json'
+    _run(['tools/test.py', CLS_CFG, ckpt, '--work-dir', tmp_path / 'a', '--out', plain] + opts)
+    _run(['tools/test.py', CLS_CFG, ckpt, '--deploy', '--work-dir', tmp_path / 'b', '--out',
+          fused] + opts)
+    assert json.loads(plain.read_text()) == json.loads(fused.read_text())
+
+
+def test_deploy_convert_refusals(demo, tmp_path):
+    _, work = demo
+    ckpt = Path((work / 'classification' / 'train' / 'last_checkpoint').read_text().strip())
+    before = ckpt.read_bytes()
+    proc = _run(['tools/deploy_convert.py', CLS_CFG, ckpt, ckpt], check=False)
+    assert proc.returncode and 'refusing to overwrite' in proc.stderr
+    assert ckpt.read_bytes() == before
+    # a detector checkpoint for the classifier config: the first bad key is named
+    det_ckpt = (work / 'detection' / 'train' / 'last_checkpoint').read_text().strip()
+    proc = _run(['tools/deploy_convert.py', CLS_CFG, det_ckpt, tmp_path / 'x.pth'], check=False)
+    assert proc.returncode and "size mismatch for 'backbone.conv1.generators.0.weight_kxk'" in proc.stderr
+    assert not (tmp_path / 'x.pth').exists()
+    proc = _run(['tools/deploy_convert.py', CLS_CFG, tmp_path / 'none.pth', tmp_path / 'x.pth'],
+                check=False)
+    assert proc.returncode and 'checkpoint not found' in proc.stderr
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(before[:len(before) // 2])
+    proc = _run(['tools/deploy_convert.py', CLS_CFG, truncated, tmp_path / 'x.pth'], check=False)
+    assert proc.returncode and 'cannot read checkpoint' in proc.stderr
+
+
+def _tiny_cls_config(tmp_path, data):
+    """The demo classifier, deterministic: no random augmentation, fixed sampler seed."""
+    cfg = tmp_path / 'tiny_cls.py'
+    cfg.write_text(f'''_base_ = '{ROOT / CLS_CFG}'
+train_dataloader = dict(batch_size=8, dataset=dict(data_root='{data}/cls', indices=32,
+    pipeline=[dict(type='LoadImageFromFile'), dict(type='PackInputs')]),
+    sampler=dict(type='DefaultSampler', shuffle=True, seed=0))
+val_dataloader = dict(dataset=dict(data_root='{data}/cls'))
+test_dataloader = val_dataloader
+param_scheduler = [dict(type='CosineAnnealingLR', by_epoch=True, begin=0, T_max=3)]
+train_cfg = dict(max_epochs=3, val_interval=10)
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=1))
+''')
+    return cfg
+
+
+def _weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(demo, tmp_path):
+    data, _ = demo
+    cfg = _tiny_cls_config(tmp_path, data)
+    _run(['tools/train.py', cfg, '--work-dir', tmp_path / 'full'])
+    # start the same run, kill it (SIGKILL) once the first checkpoint is complete
+    wd = tmp_path / 'killed'
+    proc = subprocess.Popen([PY, 'tools/train.py', str(cfg), '--work-dir', str(wd)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (wd / 'last_checkpoint').exists() and proc.poll() is None:
+        assert time.time() < deadline, 'no checkpoint written'
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    assert not (wd / 'epoch_3.pth').exists()
+    _run(['tools/train.py', cfg, '--work-dir', wd, '--resume'])
+    full, resumed = _weights(tmp_path / 'full' / 'epoch_3.pth'), _weights(wd / 'epoch_3.pth')
+    assert set(full) == set(resumed)
+    for k in full:
+        assert torch.allclose(full[k].double(), resumed[k].double(), rtol=1e-5, atol=1e-7), k
+    # and training did move the weights (the comparison is not vacuous)
+    first = _weights(wd / 'epoch_1.pth')
+    assert any(not torch.allclose(first[k].double(), full[k].double())
+               for k in full if full[k].is_floating_point())
+
+
+def test_distributed_training_two_processes(demo, tmp_path):
+    data, _ = demo
+    cfg = _tiny_cls_config(tmp_path, data)
+    env = dict(os.environ, PORT=str(29400 + os.getpid() % 500), PYTHON=PY)
+    proc = subprocess.run(['bash', 'tools/dist_train.sh', str(cfg), '2', '--work-dir',
+                           str(tmp_path / 'ddp'), '--cfg-options', 'train_cfg.max_epochs=1'],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = next((tmp_path / 'ddp').glob('*/*.log')).read_text()
+    assert 'Distributed training: True' in log
+    # 32 images, 8 per process and step, 2 processes: 2 iterations per epoch
+    assert 'Epoch(train) [1][2/2]' in log
+    assert (tmp_path / 'ddp' / 'epoch_1.pth').exists()

@@ -1,0 +1,136 @@
+"""The main job: the whole OREPA pipeline on data it generates, on the CPU, in a few minutes.
+
+    python tools/demo.py [--quick] [--work-dir work_dirs/demo] [--data-root data/shapes]
+
+For classification (a stock mmpretrain ResNet-18 with ``conv_cfg=dict(type='OREPA')``), detection
+(Faster R-CNN, OREPA-ResNet-18) and segmentation (PSPNet, OREPA-ResNet-18-D8) on the generated
+shapes data set: train (tools/train.py) -> evaluate -> fuse (tools/deploy_convert.py: stock
+backbone, no mmorepa needed) -> evaluate the fused model (tools/test.py with the deploy config),
+then a table of the metrics before and after fusion. ``--quick`` runs a few iterations only (CI).
+"""
+import argparse
+import json
+import os.path as osp
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = [
+    dict(name='classification', config='configs/demo/orepa_r18_shapes_cls.py',
+         model='ResNet-18, conv_cfg=OREPA', metric='accuracy/top1', label='top-1 (%)',
+         quick=['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                'train_dataloader.dataset.indices=64']),
+    dict(name='detection', config='configs/demo/faster_rcnn_orepa_r18_shapes.py',
+         model='Faster R-CNN, OREPA-R18', metric='coco/bbox_mAP', label='bbox mAP',
+         quick=['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                'train_dataloader.dataset.indices=16', 'val_dataloader.dataset.indices=8']),
+    dict(name='segmentation', config='configs/demo/pspnet_orepa_r18_shapes.py',
+         model='PSPNet, OREPA-R18-D8', metric='mIoU', label='mIoU (%)',
+         quick=['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
+                'default_hooks.checkpoint.interval=4', 'val_dataloader.dataset.indices=8']),
+]
+PROGRESS = re.compile(r'(Epoch|Iter)\((train|val|test)\)|relative error|Error|error:')
+
+
+def run(cmd, log_path, prefix):
+    """Run a tool, streaming its progress lines, keeping its whole output in ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        lines = []
+        for line in proc.stdout:
+            log.write(line)
+            lines.append(line)
+            if PROGRESS.search(line):
+                text = re.sub(r'^\S+ \S+ - mmengine - \w+ - ', '', line.rstrip())
+                print(f'  [{prefix}] {text[:150]}', flush=True)
+        proc.wait()
+    if proc.returncode:
+        tail = ''.join(lines[-15:])
+        raise SystemExit(f'{" ".join(cmd[:2])} failed (exit {proc.returncode}); log: '
+                         f'{log_path}\n{tail}')
+    return ''.join(lines)
+
+
+def run_task(task, work_dir: Path, data_root: str, quick: bool):
+    name = task['name']
+    wd = work_dir / name
+    opts = [f"train_dataloader.dataset.data_root={data_root}/{_sub(name)}",
+            f"val_dataloader.dataset.data_root={data_root}/{_sub(name)}",
+            f"test_dataloader.dataset.data_root={data_root}/{_sub(name)}"]
+    if name == 'detection':
+        opts += [f'val_evaluator.ann_file={data_root}/det/annotations/val.json',
+                 f'test_evaluator.ann_file={data_root}/det/annotations/val.json']
+    if quick:
+        opts += task['quick']
+    cfg_opts = ['--cfg-options'] + opts
+    print(f'== {name}: train {task["model"]}', flush=True)
+    t0 = time.time()
+    run(['tools/train.py', task['config'], '--work-dir', str(wd / 'train')] + cfg_opts,
+        wd / 'train.log', name)
+    train_s = time.time() - t0
+    ckpt = (wd / 'train' / 'last_checkpoint').read_text().strip()
+    print(f'== {name}: evaluate the trained (un-fused) model', flush=True)
+    run(['tools/test.py', task['config'], ckpt, '--work-dir', str(wd / 'test'),
+         '--out', str(wd / 'metrics_unfused.json')] + cfg_opts, wd / 'test.log', name)
+    print(f'== {name}: fuse into the stock backbone', flush=True)
+    out = run(['tools/deploy_convert.py', task['config'], ckpt, str(wd / 'deploy' / 'fused.pth'),
+               '--input-shape', '2', '3', '64', '64'] + cfg_opts, wd / 'convert.log', name)
+    err = float(re.search(r'relative error: (\S+)', out).group(1))
+    print(f'== {name}: evaluate the fused model with its deploy config', flush=True)
+    run(['tools/test.py', str(wd / 'deploy' / 'fused.py'), str(wd / 'deploy' / 'fused.pth'),
+         '--work-dir', str(wd / 'test_fused'), '--out', str(wd / 'metrics_fused.json')] +
+        cfg_opts, wd / 'test_fused.log', name)
+    before = json.loads((wd / 'metrics_unfused.json').read_text())[task['metric']]
+    after = json.loads((wd / 'metrics_fused.json').read_text())[task['metric']]
+    return dict(task=name, model=task['model'], label=task['label'], before=before, after=after,
+                err=err, train_s=train_s)
+
+
+def _sub(task_name):
+    return {'classification': 'cls', 'detection': 'det', 'segmentation': 'seg'}[task_name]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='a few iterations only (CI)')
+    parser.add_argument('--work-dir', default='work_dirs/demo')
+    parser.add_argument('--data-root', default='data/shapes')
+    parser.add_argument('--tasks', nargs='+', default=[t['name'] for t in TASKS],
+                        choices=[t['name'] for t in TASKS])
+    args = parser.parse_args(argv)
+    from mmorepa.datasets import make_shapes_dataset
+    t0 = time.time()
+    n_train, n_val = (96, 24) if args.quick else (960, 96)
+    print(f'== data: generating shapes under {args.data_root} ({n_train} train / {n_val} val '
+          'images per task)', flush=True)
+    make_shapes_dataset(ROOT / args.data_root, num_train=n_train, num_val=n_val)
+    rows = [run_task(t, ROOT / args.work_dir, args.data_root, args.quick)
+            for t in TASKS if t['name'] in args.tasks]
+    print()
+    print(f'{"task":<15}{"model":<27}{"metric":<11}{"un-fused":>9}{"fused":>9}'
+          f'{"feat. rel. err":>16}{"train s":>9}')
+    ok = True
+    for r in rows:
+        same = abs(r['before'] - r['after']) <= 1e-6 * max(1.0, abs(r['before']))
+        ok &= same
+        print(f'{r["task"]:<15}{r["model"]:<27}{r["label"]:<11}{r["before"]:>9.4f}'
+              f'{r["after"]:>9.4f}{r["err"]:>16.2e}{r["train_s"]:>9.0f}'
+              f'{"" if same else "   <- differs"}')
+    print(f'\nfused models: stock backbones (deploy configs under {args.work_dir}/*/deploy/); '
+          f'total {time.time() - t0:.0f} s')
+    summary = ROOT / args.work_dir / 'summary.json'
+    summary.write_text(json.dumps(rows, indent=1))
+    if not ok:
+        raise SystemExit('a fused model scored differently from its un-fused original')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
