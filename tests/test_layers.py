@@ -339,3 +339,14 @@ def test_unfused_eval_is_an_independent_reference():
     assert rel_err(first, manual) <= 1e-6
     assert rel_err(ref, folded) <= 1e-5
     assert not torch.equal(ref, folded)  # a different computation, not the cached kernel
+
+
+@pytest.mark.parametrize('scaling', ['vector', 'scalar', 'none'])
+@pytest.mark.parametrize('groups', [1, 4])
+def test_squeeze_equals_scaled_sum_of_branch_kernels(scaling, groups):
+    """The cheap squeeze (scales on the last factors, no stacking) is Eq. 4 exactly."""
+    from mmorepa.kernels import scaled_sum
+    torch.manual_seed(12)
+    layer = randomize_(OREPAConv2d(8, 16, 3, groups=groups, scaling=scaling).double())
+    reference = scaled_sum(layer.branch_kernels().values(), layer.scales)
+    assert rel_err(layer.squeeze()[0], reference) <= 1e-13

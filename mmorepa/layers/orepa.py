@@ -49,6 +49,12 @@ class _ScaledBranches:
         values = torch.tensor([init[b] for b in branches], dtype=torch.float32)
         self.scales = nn.Parameter(values.reshape(-1, 1).repeat(1, width))
 
+    def _scaled(self, branch: str, weight: Tensor) -> Tensor:
+        """``weight`` with its output channels scaled by the branch's scaling vector."""
+        if self.scales is None:
+            return weight
+        return weight * self.scales[self.branches.index(branch)].reshape(-1, 1, 1, 1)
+
     def _build_norm(self, norm_cfg, out_channels):
         if norm_cfg is not None:
             self.bn = build_norm_layer(norm_cfg, out_channels)[1]
@@ -142,7 +148,35 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
         return out
 
     def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
-        return K.scaled_sum(self.branch_kernels().values(), self.scales), self.bias
+        """Eq. 4 with the scaling layers of Sec. 3.2, ``sum_m gamma_m * W_m``, computed cheaply:
+        scaling output channels commutes with composing on the input side, so each branch's
+        scaling vector goes onto its last (smallest) factor and no branch kernel is stacked.
+        Equal to ``scaled_sum(branch_kernels(), scales)``."""
+        k, g = self.kernel_size[0], self.groups
+        b = self.branches
+        terms = []
+        if 'kxk' in b:
+            terms.append(self._scaled('kxk', self.weight_kxk))
+        if '1x1_kxk' in b:
+            first = self.identity + self.weight_1x1_kxk_idconv1
+            second = self._scaled('1x1_kxk', self.weight_1x1_kxk_conv2)
+            terms.append(K.compose_1x1(first, second, g))
+        if 'dw_pw' in b:
+            terms.append(K.dw_pw_to_full(self.weight_dw, self._scaled('dw_pw', self.weight_pw),
+                                         self.in_channels, g))
+        # a 1x1 centred, or followed by a fixed per-channel filter (average, frequency prior)
+        if '1x1' in b:
+            terms.append(K.pad_to(self._scaled('1x1', self.weight_1x1), k))
+        if '1x1_avg' in b:
+            w = self._scaled('1x1_avg', self.weight_1x1_avg)
+            terms.append(K.compose_1x1_depthwise(w, K.avg_kernel(k, w.dtype, w.device)))
+        if '1x1_freq' in b:
+            terms.append(K.compose_1x1_depthwise(self._scaled('1x1_freq', self.weight_1x1_freq),
+                                                 self.freq_prior))
+        kernel = terms[0]
+        for t in terms[1:]:
+            kernel = kernel + t
+        return kernel, self.bias
 
 
 class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
@@ -201,7 +235,16 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
         return out
 
     def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
-        return K.scaled_sum(self.branch_kernels().values(), self.scales), self.bias
+        """Eq. 4 with scaling; each scaling vector on the last factor of its branch."""
+        terms = []
+        if '1x1' in self.branches:
+            terms.append(self._scaled('1x1', self.weight_1x1))
+        if '1x1_1x1' in self.branches:
+            terms.append(K.compose_1x1(self.weight_1x1_1x1_conv1,
+                                       self._scaled('1x1_1x1', self.weight_1x1_1x1_conv2),
+                                       self.groups))
+        kernel = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return kernel, self.bias
 
 
 class OREPALargeConv(ReparamConv2d):

@@ -1,0 +1,91 @@
+"""The analysis tools on tiny models: the training-cost benchmark and the branch analysis."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.registry import init_default_scope
+
+import mmorepa  # noqa: F401
+
+from helpers import randomize_network_
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
+
+
+def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run(
+        [sys.executable, 'tools/analysis/benchmark_train_cost.py', '--archs', 'resnet18',
+         '--reparams', 'none', 'orepa', '--batch-size', '2', '--input-size', '32', '--steps',
+         '2', '--warmup', '1', '--threads', '1', '--eval', '--json', str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r['reparam'] for r in rows] == ['none', 'orepa']
+    plain, orepa = rows
+    assert plain['time_ratio'] == 1.0 and plain['mem_ratio'] == 1.0
+    assert orepa['time_ratio'] == pytest.approx(orepa['step_s'] / plain['step_s'])
+    assert orepa['params'] > plain['params']  # the training-time branches
+    assert all(r['peak_mb'] > 0 and r['eval_fused_s'] > 0 for r in rows)
+    assert '| resnet18 | orepa |' in proc.stdout and 'x plain' in proc.stdout
+
+
+def test_benchmark_components_follow_fig8():
+    import benchmark_train_cost as bench
+    args = bench.argparse.Namespace(archs=['resnet18', 'resnet50'], reparams=None,
+                                    components=True)
+    labels = [(v['arch'], v['label']) for v in bench.variants(args)]
+    r18 = [label for arch, label in labels if arch == 'resnet18']
+    r50 = [label for arch, label in labels if arch == 'resnet50']
+    assert r18[:3] == ['none', 'dbb', 'orepa'] and len(r18) == 7  # no Rep-1x1 in ResNet-18
+    assert r50[-1] == 'orepa: + Rep-1x1' and len(r50) == 8
+    first = bench.COMPONENTS[0][1]
+    model = bench.build_model('resnet18', 'orepa', first)
+    assert model.backbone.layer1[0].conv1.branches == first['branches']
+
+
+def test_branch_similarity_tool(tmp_path):
+    import branch_similarity as bs
+    cfg_path = tmp_path / 'tiny.py'
+    cfg_path.write_text('''default_scope = 'mmpretrain'
+custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
+model = dict(type='ImageClassifier',
+    backbone=dict(type='OREPAResNet', depth=50, base_channels=8, stage_blocks=(1, 1, 1, 1)),
+    neck=dict(type='GlobalAveragePooling'),
+    head=dict(type='LinearClsHead', num_classes=4, in_channels=256))
+''')
+    init_default_scope('mmpretrain')
+    from mmpretrain.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(dict(type='ImageClassifier', backbone=dict(
+        type='OREPAResNet', depth=50, base_channels=8, stage_blocks=(1, 1, 1, 1)),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=4, in_channels=256)))
+    randomize_network_(model)
+    ckpt = tmp_path / 'model.pth'
+    torch.save(dict(state_dict=model.state_dict()), ckpt)
+    out_dir, summary = bs.main([str(cfg_path), str(ckpt), '--out-dir', str(tmp_path / 'out')])
+    names = set(summary)
+    assert 'backbone.layer1.0.conv2' in names and 'backbone.layer1.0.conv1' in names  # 3x3, 1x1
+    assert 'backbone.conv1.generators.0' in names
+    for name in names:
+        assert (out_dir / f'{name}_cosine.png').stat().st_size > 1000
+        assert (out_dir / f'{name}_norms.png').exists()
+    r = summary['backbone.layer1.0.conv2']
+    cos = torch.tensor(r['cosine'])
+    assert r['branches'] == list(model.backbone.layer1[0].conv2.branches)
+    assert torch.allclose(cos, cos.T) and torch.allclose(cos.diag(), torch.ones(len(cos)))
+    # one entry by hand: cosine of the scaled kxk and 1x1 contributions
+    layer = model.backbone.layer1[0].conv2
+    with torch.no_grad():
+        ks = layer.branch_kernels()
+        a = (layer.scales[0].reshape(-1, 1, 1, 1) * ks['kxk']).flatten().double()
+        i = layer.branches.index('1x1')
+        b = (layer.scales[i].reshape(-1, 1, 1, 1) * ks['1x1']).flatten().double()
+    assert cos[0, i].item() == pytest.approx((a @ b / a.norm() / b.norm()).item(), abs=1e-6)
+    with pytest.raises(SystemExit, match='checkpoint not found'):
+        bs.main([str(cfg_path), str(tmp_path / 'missing.pth')])

@@ -1,0 +1,229 @@
+"""Training cost of re-parameterized models (paper Table 4, Fig. 8), measured in one run.
+
+    python tools/analysis/benchmark_train_cost.py [--archs resnet18 resnet50 ...]
+        [--reparams none dbb orepa] [--batch-size 32] [--input-size 224] [--steps 10]
+        [--threads 2] [--components] [--eval] [--json OUT]
+
+Each variant runs in its own process. A step is a full training step (forward, cross-entropy,
+backward, SGD with momentum); the table gives the median step time and the peak memory, and their
+ratios to the plain model of the same architecture. On a GPU: CUDA events and
+``max_memory_allocated``; on the CPU: wall clock and the peak resident memory of the process.
+``--components`` adds the OREPA components one at a time (Fig. 8); ``--eval`` times the eval-mode
+forward of the un-fused model against the fused one.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'repvgg-A0', 'repvgg-A1', 'repvgg-A2')
+# Fig. 8 / Table 2: OREPA components added one at a time (ResNet).
+COMPONENTS = [
+    ('online DBB branches', dict(branches=('kxk', '1x1', '1x1_kxk', '1x1_avg'),
+                                 linear_deep_stem=False, rep_1x1=False)),
+    ('+ frequency prior', dict(branches=('kxk', '1x1', '1x1_kxk', '1x1_avg', '1x1_freq'),
+                               linear_deep_stem=False, rep_1x1=False)),
+    ('+ linear dw-pw', dict(linear_deep_stem=False, rep_1x1=False)),
+    ('+ linear deep stem', dict(rep_1x1=False)),
+    ('+ Rep-1x1', dict()),
+]
+
+
+def build_model(arch: str, reparam: str, orepa_cfg=None):
+    """A classifier (backbone, global pooling, 1000-way linear) for the benchmark."""
+    import torch.nn as nn
+
+    import mmorepa  # noqa: F401
+    from mmorepa.models import OREPAResNet, OREPAVGG
+    if arch.startswith('resnet'):
+        depth = int(arch[len('resnet'):])
+        backbone = OREPAResNet(depth, reparam=reparam, orepa_cfg=orepa_cfg, init_cfg=None)
+    elif arch.startswith('repvgg-'):
+        vgg_reparam = {'none': 'none', 'repvgg': 'repvgg', 'orepa': 'orepa',
+                       'orepa-vgg': 'orepa'}.get(reparam)
+        if vgg_reparam is None:
+            raise ValueError(f'reparam {reparam!r} does not apply to {arch}')
+        backbone = OREPAVGG(arch.split('-')[1], reparam=vgg_reparam, init_cfg=None)
+    else:
+        raise ValueError(f'unknown arch {arch!r}; expected one of {list(ARCHS)}')
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.LazyLinear(1000)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.backbone(x)[-1]).flatten(1))
+
+    return Classifier()
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(spec: dict) -> dict:
+    """Measure one variant (runs in its own process)."""
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(spec['threads'])
+    torch.manual_seed(0)
+    cuda = spec['device'] == 'cuda'
+    device = torch.device(spec['device'])
+    base_rss = _rss_mb()
+    model = build_model(spec['arch'], spec['reparam'], spec.get('orepa_cfg')).to(device)
+    b, s = spec['batch_size'], spec['input_size']
+    x = torch.randn(b, 3, s, s, device=device)
+    y = torch.randint(0, 1000, (b, ), device=device)
+    model(x[:1])  # materialise the lazy head
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    params = sum(p.numel() for p in model.parameters())
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        return times
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    model.train()
+    timed(step, spec['warmup'])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(step, spec['steps'])
+    sync()
+    out = dict(spec, params=params, step_s=statistics.median(times), step_times=times)
+    if cuda:
+        out['peak_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        out['peak_mb'] = _rss_mb()
+        out['base_mb'] = base_rss
+    if spec.get('eval'):
+        import mmorepa
+        model.eval()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            fused = mmorepa.reparameterize(model)
+            model(x)  # fill the kernel cache
+            unfused_t = timed(lambda: model(x), spec['steps'])
+            fused_t = timed(lambda: fused(x), spec['steps'])
+        out['eval_unfused_s'] = statistics.median(unfused_t)
+        out['eval_fused_s'] = statistics.median(fused_t)
+    return out
+
+
+def run_variant(spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']),
+               MKL_NUM_THREADS=str(spec['threads']))
+    proc = subprocess.run([sys.executable, __file__, '--worker', json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f'variant {spec["arch"]}/{spec["reparam"]} failed:\n{proc.stderr[-3000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def variants(args):
+    for arch in args.archs:
+        vgg = arch.startswith('repvgg')
+        reparams = args.reparams or (['none', 'repvgg', 'orepa'] if vgg else
+                                     ['none', 'dbb', 'orepa'])
+        for reparam in reparams:
+            if vgg and reparam == 'dbb' or not vgg and reparam in ('repvgg', 'orepa-vgg'):
+                continue
+            yield dict(arch=arch, reparam=reparam, label=reparam)
+        if args.components and not vgg:
+            for label, cfg in COMPONENTS:
+                if label == '+ Rep-1x1' and arch in ('resnet18', 'resnet34'):
+                    continue
+                yield dict(arch=arch, reparam='orepa', label=f'orepa: {label}', orepa_cfg=cfg)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--archs', nargs='+', default=['resnet18', 'resnet50'], choices=ARCHS)
+    parser.add_argument('--reparams', nargs='+',
+                        choices=['none', 'dbb', 'orepa', 'repvgg', 'orepa-vgg'])
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--input-size', type=int, default=224)
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda if present)')
+    parser.add_argument('--components', action='store_true', help='Fig. 8: one at a time')
+    parser.add_argument('--eval', action='store_true', help='also time eval un-fused vs fused')
+    parser.add_argument('--json', help='write the results to this JSON file too')
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return None
+    import torch
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    common = dict(batch_size=args.batch_size, input_size=args.input_size, steps=args.steps,
+                  warmup=args.warmup, threads=args.threads, device=device, eval=args.eval)
+    results = []
+    for v in variants(args):
+        r = run_variant(dict(common, **v))
+        results.append(r)
+        print(f'  measured {r["arch"]:<10} {r["label"]:<28} {r["step_s"]:.3f} s/step',
+              file=sys.stderr, flush=True)
+    plain = {r['arch']: r for r in results if r['reparam'] == 'none'}
+    for r in results:
+        p = plain.get(r['arch'])
+        r['time_ratio'] = r['step_s'] / p['step_s'] if p else None
+        r['mem_ratio'] = r['peak_mb'] / p['peak_mb'] if p else None
+    mem = 'peak GPU MiB' if device == 'cuda' else 'peak RSS MiB'
+    print(f'device: {device} ({args.threads} threads), batch {args.batch_size}, '
+          f'input {args.input_size}, median of {args.steps} steps after {args.warmup}')
+    head = f'| arch | re-param | params (M) | s/step | x plain | {mem} | x plain |'
+    if args.eval:
+        head += ' eval un-fused s | eval fused s | un-fused / fused |'
+    print(head)
+    print('|' + '---|' * (head.count('|') - 1))
+    for r in results:
+        line = (f'| {r["arch"]} | {r["label"]} | {r["params"] / 1e6:.2f} | {r["step_s"]:.3f} | '
+                f'{_ratio(r["time_ratio"])} | {r["peak_mb"]:.0f} | {_ratio(r["mem_ratio"])} |')
+        if args.eval:
+            line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
+                     f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _ratio(value):
+    return '-' if value is None else f'{value:.2f}x'
+
+
+if __name__ == '__main__':
+    main()
