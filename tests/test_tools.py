@@ -141,3 +141,20 @@ def test_distributed_training_two_processes(demo, tmp_path):
     # 32 images, 8 per process and step, 2 processes: 2 iterations per epoch
     assert 'Epoch(train) [1][2/2]' in log
     assert (tmp_path / 'ddp' / 'epoch_1.pth').exists()
+
+
+@pytest.mark.parametrize('task,config', [
+    ('classification', CLS_CFG),
+    ('detection', 'configs/demo/faster_rcnn_orepa_r18_shapes.py')])
+def test_export_onnx_matches_onnxruntime(demo, tmp_path, task, config):
+    pytest.importorskip('onnxruntime')
+    _, work = demo
+    ckpt = (work / task / 'train' / 'last_checkpoint').read_text().strip()
+    out = tmp_path / 'model.onnx'
+    proc = _run(['tools/export_onnx.py', config, ckpt, out, '--input-shape', '1', '3', '64', '64'])
+    err = float(proc.stdout.split('relative error:')[1].split()[0])
+    assert out.stat().st_size > 10000 and err <= 1e-5
+    import onnx
+    graph = onnx.load(str(out)).graph
+    assert not any('OREPA' in n.name for n in graph.node)
+    assert sum(n.op_type == 'Conv' for n in graph.node) >= 17  # plain convs only
