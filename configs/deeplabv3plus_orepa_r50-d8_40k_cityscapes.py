@@ -1,18 +1,6 @@
-# DeepLabV3+ with OREPA-ResNet-50-D8 (paper Table 5; supp 2.3: 40k iterations, SGD lr 0.02, poly lr power 0.9 down to 2e-4,
-# wd 5e-4, crop 512x1024, plain BN rather than SyncBN).
-_base_ = ['mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb2-40k_cityscapes-512x1024.py', './_base_/orepa_stem_lr.py']
-custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
-pretrained = 'checkpoints/orepa-resnet50_in1k.pth'
-norm_cfg = dict(type='BN', requires_grad=True)
-model = dict(
-    pretrained=None,
-    backbone=dict(
-        _delete_=True, type='OREPAResNet', depth=50, reparam='orepa', num_stages=4,
-        out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
-        contract_dilation=True, norm_cfg=norm_cfg, norm_eval=False, style='pytorch',
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
-    decode_head=dict(norm_cfg=norm_cfg),
-    auxiliary_head=dict(norm_cfg=norm_cfg))
-optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=5e-4),
-                     paramwise_cfg={{_base_.orepa_stem_lr}})
-param_scheduler = [dict(type='PolyLR', eta_min=2e-4, power=0.9, begin=0, end=40000, by_epoch=False)]
+# DeepLabV3+ with OREPA-ResNet-50-D8 (paper Table 5): the vanilla config with reparam='orepa'.
+# supp 2.3: the pretrained stem (the linear deep stem) is not frozen; its learning rate is x0.1.
+_base_ = ['./deeplabv3plus_r50-d8_40k_cityscapes.py', './_base_/orepa_stem_lr.py']
+model = dict(backbone=dict(
+    reparam='orepa', init_cfg=dict(checkpoint='checkpoints/orepa-resnet50_in1k.pth')))
+optim_wrapper = dict(paramwise_cfg={{_base_.orepa_stem_lr}})

@@ -1,4 +1,5 @@
-# PSPNet with ResNet-50-D8 (vanilla) (paper Table 5; supp 2.3: 40k iterations, SGD lr 0.02, poly lr power 0.9 down to 2e-4,
+# PSPNet with ResNet-50-D8 (vanilla)
+# (paper Table 5; supp 2.3: 40k iterations, SGD lr 0.02, poly lr power 0.9 down to 2e-4,
 # wd 5e-4, crop 512x1024, plain BN rather than SyncBN).
 _base_ = ['mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py']
 custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)

@@ -1,13 +1,7 @@
-# RetinaNet with OREPA-ResNet-50 (paper Table 5; supp 2.3: 1x schedule, SGD lr 0.02, lr x0.1 after epochs 8 and 11).
-# Pretrained backbone: an ImageNet checkpoint of configs/imagenet/ (tools/train.py) or the official
-# weights converted with tools/convert_official_checkpoint.py; its backbone. part is loaded.
-_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/orepa_stem_lr.py']
-custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
-pretrained = 'checkpoints/orepa-resnet50_in1k.pth'
-model = dict(
-    backbone=dict(
-        _delete_=True, type='OREPAResNet', depth=50, reparam='orepa', num_stages=4,
-        out_indices=(0, 1, 2, 3), frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=True, style='pytorch',
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')))
+# RetinaNet with OREPA-ResNet-50 (paper Table 5): the vanilla config with reparam='orepa'.
+# supp 2.3: the pretrained stem (the linear deep stem) is not frozen; its learning rate is x0.1.
+_base_ = ['./retinanet_r50_1x_coco.py', './_base_/orepa_stem_lr.py']
+model = dict(backbone=dict(
+    reparam='orepa', frozen_stages=-1,
+    init_cfg=dict(checkpoint='checkpoints/orepa-resnet50_in1k.pth')))
 optim_wrapper = dict(paramwise_cfg={{_base_.orepa_stem_lr}})
