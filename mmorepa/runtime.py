@@ -1,4 +1,7 @@
 """What the tools need around mmengine's Runner that the Runner does not do itself."""
+import os.path as osp
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
@@ -23,3 +26,26 @@ def prepare_launch(cfg: Config, launcher: str) -> Config:
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
     return cfg
+
+
+def load_config(path: str, launcher: str = 'none', cfg_options: Optional[dict] = None,
+                work_dir: Optional[str] = None) -> Config:
+    """A config as the tools use it: ``--cfg-options`` merged, the work dir set (default
+    ``./work_dirs/<config name>``), the launcher prepared. A missing file is a clear error."""
+    if not osp.isfile(path):
+        raise SystemExit(f'config not found: {path}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    return prepare_launch(cfg, launcher)
+
+
+def build_runner(cfg: Config):
+    """mmengine's ``Runner``, or the config's own ``runner_type``."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)

@@ -14,9 +14,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 import mmorepa  # noqa: E402
 
@@ -42,20 +40,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for path in (args.config, args.checkpoint):
-        if not osp.isfile(path):
-            raise SystemExit(f'file not found: {path}')
-    cfg = Config.fromfile(args.config)
-    mmorepa.runtime.prepare_launch(cfg, args.launcher)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    if not osp.isfile(args.checkpoint):
+        raise SystemExit(f'checkpoint not found: {args.checkpoint}')
+    cfg = mmorepa.runtime.load_config(args.config, args.launcher, args.cfg_options,
+                                      args.work_dir)
     cfg.load_from = None
     cfg.resume = False
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = mmorepa.runtime.build_runner(cfg)
     model = runner.model.module if hasattr(runner.model, 'module') else runner.model
     mmorepa.deploy.load_checkpoint_strict(model, args.checkpoint)
     if args.deploy:

@@ -11,8 +11,6 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
 import mmorepa  # noqa: E402  (registers OREPA layers and backbones)
 
@@ -37,16 +35,8 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args) -> Config:
-    if not osp.isfile(args.config):
-        raise SystemExit(f'config not found: {args.config}')
-    cfg = Config.fromfile(args.config)
-    mmorepa.runtime.prepare_launch(cfg, args.launcher)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = mmorepa.runtime.load_config(args.config, args.launcher, args.cfg_options,
+                                      args.work_dir)
     if args.amp:
         optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
         if optim_wrapper not in ('OptimWrapper', 'AmpOptimWrapper'):
@@ -64,7 +54,7 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None):
     cfg = setup_cfg(parse_args(argv))
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = mmorepa.runtime.build_runner(cfg)
     runner.train()
     return runner
 
