@@ -13,7 +13,7 @@ from . import datasets, deploy, runtime  # noqa: E402
 from .models import OREPAVGG, OREPAResNet  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['kernels', 'reparameterize', 'OREPA', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
+__all__ = ['kernels', 'datasets', 'deploy', 'runtime', 'reparameterize', 'OREPA', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
            'DiverseBranchBlock', 'RepVGGBlock', 'ReparamConv2d', 'allow_mmengine_checkpoints',
            'unfused_eval',
            'OREPAResNet', 'OREPAVGG']

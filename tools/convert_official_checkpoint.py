@@ -17,7 +17,6 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
-import mmorepa  # noqa: E402
 from mmorepa.deploy import (CheckpointError, atomic_write, check_state_dict_fits,  # noqa: E402
                             read_state_dict)
 from mmorepa.official import convert_state_dict, model_cfg  # noqa: E402

@@ -10,7 +10,6 @@ then a table of the metrics before and after fusion. ``--quick`` runs a few iter
 """
 import argparse
 import json
-import os.path as osp
 import re
 import subprocess
 import sys

@@ -14,7 +14,6 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-import mmorepa  # noqa: E402
 from mmorepa.deploy import CheckpointError, convert  # noqa: E402
 
 

@@ -19,7 +19,6 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-import mmorepa  # noqa: E402
 from mmorepa.deploy import CheckpointError, build_model, load_checkpoint_strict  # noqa: E402
 from mmorepa.layers import OREPAConv1x1, OREPAConv2d  # noqa: E402
 
