@@ -134,9 +134,6 @@ class DiverseBranchBlock(ReparamConv2d):
         kernel = w_kxk + K.pad_to(w_1x1, k) + w_seq + wa
         return kernel, b_kxk + b_1x1 + b_seq + ba
 
-    def fused_kernel_and_bias(self):
-        return (self.weight, self.bias) if self.deploy else self.squeeze()
-
 
 def _bias_through(kernel: Tensor, bias: Tensor, groups: int) -> Tensor:
     """The output of ``kernel`` (no padding) on a constant input equal to ``bias`` per channel."""
