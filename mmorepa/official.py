@@ -155,9 +155,7 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Ten
         raise CheckpointError(f'missing key {e.args[0]!r} in the official checkpoint') from None
     out['head.fc.weight'] = sd['linear.weight'].clone()
     out['head.fc.bias'] = sd['linear.bias'].clone()
-    used.update({'linear.weight', 'linear.bias', 'stage0.conv1.bn.weight', 'stage0.conv1.bn.bias',
-                 'stage0.conv1.bn.running_mean', 'stage0.conv1.bn.running_var',
-                 'stage0.conv1.bn.num_batches_tracked'})
+    used.update(k for k in sd if k.startswith(('stage0.conv1.bn.', 'linear.')))
     unused = [k for k in sd if k not in used]
     if unused:
         raise CheckpointError(f'unexpected key {unused[0]!r} in the official checkpoint: it has '

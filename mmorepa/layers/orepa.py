@@ -173,10 +173,7 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
         if '1x1_freq' in b:
             terms.append(K.compose_1x1_depthwise(self._scaled('1x1_freq', self.weight_1x1_freq),
                                                  self.freq_prior))
-        kernel = terms[0]
-        for t in terms[1:]:
-            kernel = kernel + t
-        return kernel, self.bias
+        return sum(terms[1:], terms[0]), self.bias
 
 
 class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
@@ -243,8 +240,7 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
             terms.append(K.compose_1x1(self.weight_1x1_1x1_conv1,
                                        self._scaled('1x1_1x1', self.weight_1x1_1x1_conv2),
                                        self.groups))
-        kernel = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return kernel, self.bias
+        return sum(terms[1:], terms[0]), self.bias
 
 
 class OREPALargeConv(ReparamConv2d):

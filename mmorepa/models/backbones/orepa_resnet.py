@@ -195,7 +195,6 @@ class OREPAResNet(BaseModule):
         if stage_blocks is not None and len(stage_blocks) < num_stages:
             raise ValueError(f'stage_blocks {stage_blocks!r} has fewer than {num_stages} stages')
         self.depth = depth
-        self.reparam = 'none' if deploy else reparam
         self.convs = _ConvFactory(reparam, orepa_cfg)
         if deploy:
             self.convs = _ConvFactory('none', None)
@@ -335,7 +334,6 @@ class OREPAResNet(BaseModule):
         for owner, conv_name, norm_name in pairs:
             _fold_conv_bias_into_norm(getattr(owner, conv_name), getattr(owner, norm_name))
         self.deploy = True
-        self.reparam = 'none'
 
     @classmethod
     def stock_cfg(cls, cfg: dict) -> dict:

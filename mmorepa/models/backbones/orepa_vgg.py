@@ -35,7 +35,6 @@ class OREPAVGG(RepVGG):
             raise ValueError(f'OREPAVGG does not support SE blocks (arch {arch!r})')
         if kwargs.get('with_cp'):
             raise ValueError('OREPAVGG does not support with_cp')
-        self.reparam = reparam
         if deploy:
             return
         options = dict(REPARAMS[reparam])
