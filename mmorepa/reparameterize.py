@@ -2,7 +2,9 @@
 import contextlib
 import copy
 
+import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers.base import ReparamConv2d
 
@@ -10,11 +12,11 @@ from .layers.base import ReparamConv2d
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fuse every re-parameterizable block of ``model`` for deployment.
 
-    Walking top-down, the outermost module that knows how to fuse owns its whole subtree:
-    a :class:`~mmorepa.layers.ReparamConv2d` (OREPA, Rep-1x1, deep stem, DBB) is replaced by a
-    plain ``nn.Conv2d`` under the same attribute name; any other module with a
-    ``switch_to_deploy()`` (RepVGG / OREPA-VGG blocks, mmorepa's backbones, and mmpretrain's RepVGG
-    or MobileOne) fuses itself. Fusion is idempotent: fusing a fused model changes nothing.
+    First every :class:`~mmorepa.layers.ReparamConv2d` (OREPA, Rep-1x1, deep stem, DBB), wherever
+    it sits, becomes a plain ``nn.Conv2d`` under the same attribute name (:func:`fuse_convs_`).
+    Then, walking top-down, the outermost module with a ``switch_to_deploy()`` (mmorepa's
+    backbones, mmpretrain's ``RepVGG`` / ``MobileOne`` and their blocks) fuses itself. Fusion is
+    idempotent: fusing a fused model changes nothing.
 
     Args:
         model: any model (a backbone, a detector, a single layer).
@@ -27,22 +29,52 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     if isinstance(model, ReparamConv2d):
         return model.to_conv2d()
-    if hasattr(model, 'switch_to_deploy'):
-        model.switch_to_deploy()
-    else:
-        fuse_children(model)
+    fuse_convs_(model)
+    _switch_outermost(model)
     return model
 
 
-def fuse_children(module: nn.Module):
-    """Fuse, in place, every re-parameterizable module below ``module`` (not ``module`` itself)."""
-    for name, child in module.named_children():
+def _switch_outermost(module: nn.Module):
+    if hasattr(module, 'switch_to_deploy'):
+        module.switch_to_deploy()
+        return
+    for child in module.children():
+        _switch_outermost(child)
+
+
+def fuse_convs_(module: nn.Module) -> int:
+    """Replace, in place, every re-parameterizable conv below ``module`` by its plain
+    ``nn.Conv2d``; returns how many were replaced.
+
+    A layer that stands in for a bias-free conv but fuses to one with a bias (DBB: its branch
+    norms leave a bias) has the bias folded into the BatchNorm registered right after it
+    (``BN(W x + b) == BN'(W x)`` with ``running_mean - b``), so the fused module has the keys of
+    the stock network. If no such norm follows, a ``ValueError`` names the layer.
+    """
+    count = 0
+    for name, child in list(module.named_children()):
         if isinstance(child, ReparamConv2d):
-            setattr(module, name, child.to_conv2d())
-        elif hasattr(child, 'switch_to_deploy'):
-            child.switch_to_deploy()
+            conv = child.to_conv2d()
+            if conv.bias is not None and not child.expects_bias and child.bn is None:
+                _fold_bias_into_next_norm(module, name, conv)
+            setattr(module, name, conv)
+            count += 1
         else:
-            fuse_children(child)
+            count += fuse_convs_(child)
+    return count
+
+
+def _fold_bias_into_next_norm(parent: nn.Module, name: str, conv: nn.Conv2d):
+    names = list(parent._modules)
+    following = parent._modules[names[names.index(name) + 1]] if name != names[-1] else None
+    if not (isinstance(following, _BatchNorm) and following.num_features == conv.out_channels
+            and following.running_mean is not None):
+        raise ValueError(
+            f'{type(parent).__name__}.{name} fuses to a conv with a bias, but its host built it '
+            'without one and no BatchNorm with running statistics follows it to take the bias')
+    with torch.no_grad():
+        following.running_mean.sub_(conv.bias.to(following.running_mean.dtype))
+    conv.bias = None
 
 
 @contextlib.contextmanager

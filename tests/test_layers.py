@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import mmorepa
 from mmorepa.layers import (BRANCHES, OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d,
-                            OREPALargeConv, RepVGGBlock)
+                            OREPALargeConv)
+from mmorepa.models.backbones.reparam_backbone import swap_convs_
 
 from helpers import bn_eval, conv, orepa_explicit, randomize_, rel_err
 
@@ -141,17 +142,27 @@ def test_dbb_train_mode_padding_is_exact_with_batch_statistics():
     assert rel_err(padded, composed) <= 1e-12
 
 
+def _repvgg_block(cin, cout, stride=1, orepa=True):
+    """mmpretrain's own RepVGG block; with ``orepa``, its 3x3 conv swapped for an OREPA one."""
+    from mmpretrain.models.backbones.repvgg import RepVGGBlock
+    block = RepVGGBlock(cin, cout, stride=stride)
+    if orepa:
+        assert swap_convs_(block, dict(type='OREPA', rep_1x1=False)) == ['branch_3x3.conv']
+    return block
+
+
 @pytest.mark.parametrize('orepa,stride,cin,cout', [(False, 1, 8, 8), (True, 1, 8, 8),
                                                    (True, 2, 8, 16), (False, 2, 8, 16)])
 def test_repvgg_blocks_fuse(orepa, stride, cin, cout):
     torch.manual_seed(5)
-    block = randomize_(RepVGGBlock(cin, cout, stride, orepa=orepa)).eval()
+    block = randomize_(_repvgg_block(cin, cout, stride, orepa)).eval()
     x = _input(cin, 10)
     with torch.no_grad():
         ref = copy.deepcopy(block).double()(x.double())
         fused = mmorepa.reparameterize(block)
         out = fused(x)
-    assert fused.deploy and set(dict(fused.named_children())) == {'act', 'branch_reparam'}
+    assert fused.deploy and 'branch_reparam' in dict(fused.named_children())
+    assert not any(type(m).__module__.startswith('mmorepa') for m in fused.modules())
     assert rel_err(block(x), ref) <= 1e-5
     assert rel_err(out, ref) <= 1e-5
 
@@ -219,7 +230,7 @@ def test_switch_to_deploy_idempotent_and_plain_keys():
 
 def test_reparameterize_copies_by_default_and_is_idempotent():
     torch.manual_seed(9)
-    model = nn.Sequential(OREPAConv2d(4, 8, 3, norm_cfg=BN), RepVGGBlock(8, 8, orepa=True))
+    model = nn.Sequential(OREPAConv2d(4, 8, 3, norm_cfg=BN), _repvgg_block(8, 8))
     randomize_(model).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     types_before = [type(m) for m in model.modules()]
@@ -303,12 +314,40 @@ def test_bad_input_other_layers():
         DiverseBranchBlock(4, 4, 3, padding=0)
 
 
+def test_silently_accepted_arguments_are_refused():
+    # a bare string would read as the branches 'k', 'x', 'k'
+    with pytest.raises(ValueError, match="branches must be a list or tuple.*'kxk'"):
+        OREPAConv2d(4, 4, 3, branches='kxk')
+    with pytest.raises(ValueError, match="'kxk'"):
+        OREPA(4, 4, 3, branches='kxk')
+    # a scale_init for a branch the layer does not build
+    with pytest.raises(ValueError, match="scale_init names branch 'dw_pw'"):
+        OREPAConv2d(4, 4, 3, branches=('kxk', '1x1'), scale_init={'dw_pw': 0.5})
+    with pytest.raises(ValueError, match="scale_init names branch 'bogus'"):
+        OREPAConv1x1(4, 4, scale_init={'bogus': 1.0})
+    # unknown Rep-1x1 branches are refused whatever the kernel size
+    with pytest.raises(ValueError, match="branch 'nope' in rep1x1_branches"):
+        OREPA(4, 4, 3, padding=1, rep1x1_branches=('nope',))
+    with pytest.raises(ValueError, match="branch 'nope' in branches"):
+        OREPA(4, 4, 1, branches=('nope',))
+    with pytest.raises(ValueError, match="scaling 'vectors'"):
+        OREPA(4, 4, 1, scaling='vectors')
+
+
 def test_orepa_factory_picks_by_kernel_size():
     assert type(OREPA(4, 8, 1, bias=False)) is OREPAConv1x1
     assert type(OREPA(4, 8, 3, padding=1, bias=False)) is OREPAConv2d
     assert type(OREPA(3, 8, 7, 2, 3, bias=False)) is OREPALargeConv
     layer = OREPA(4, 8, 3, branches=('kxk', '1x1'), scaling='scalar')
     assert layer.branches == ('kxk', '1x1') and layer.scales.shape == (2, 1)
+    # options that keep a conv plain (BasicBlock shortcuts, Table 2 without the deep stem)
+    plain = OREPA(4, 8, 1, stride=2, bias=False, rep_1x1=False)
+    assert type(plain) is nn.Conv2d and plain.stride == (2, 2) and plain.bias is None
+    plain = OREPA(3, 8, 7, 2, 3, bias=False, linear_deep_stem=False)
+    assert type(plain) is nn.Conv2d and plain.kernel_size == (7, 7) and plain.padding == (3, 3)
+    assert type(OREPA(4, 8, 3, padding=1, rep_1x1=False)) is OREPAConv2d
+    assert type(mmorepa.DBB(4, 8, 1, bias=False)) is nn.Conv2d
+    assert type(mmorepa.DBB(4, 8, 3, padding=1, bias=False)) is DiverseBranchBlock
 
 
 def test_scale_inits_follow_supp_2_1():

@@ -1,15 +1,17 @@
-"""Re-parameterizable conv layers and blocks, registered in mmengine's root ``MODELS``."""
+"""Re-parameterizable conv layers, registered in mmengine's root ``MODELS``."""
 from mmengine.registry import MODELS
 
 from .base import ReparamConv2d
-from .offline import DiverseBranchBlock, RepVGGBlock
-from .orepa import BRANCHES, OREPA, SCALE_INIT, OREPAConv1x1, OREPAConv2d, OREPALargeConv
+from .offline import DiverseBranchBlock
+from .orepa import (BRANCHES, DBB, OREPA, SCALE_INIT, OREPAConv1x1, OREPAConv2d,
+                    OREPALargeConv)
 
-__all__ = ['ReparamConv2d', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv', 'OREPA',
-           'DiverseBranchBlock', 'RepVGGBlock', 'BRANCHES', 'SCALE_INIT']
+__all__ = ['ReparamConv2d', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv', 'OREPA', 'DBB',
+           'DiverseBranchBlock', 'BRANCHES', 'SCALE_INIT']
 
 # The root registry: mmcv.cnn.build_conv_layer and the child registries of mmpretrain, mmdet and
 # mmseg all find these names.
-for _module in (OREPAConv2d, OREPAConv1x1, OREPALargeConv, DiverseBranchBlock, RepVGGBlock):
+for _module in (OREPAConv2d, OREPAConv1x1, OREPALargeConv, DiverseBranchBlock):
     MODELS.register_module(module=_module)
 MODELS.register_module(name='OREPA', module=OREPA)
+MODELS.register_module(name='DBB', module=DBB)

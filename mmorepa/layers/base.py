@@ -98,6 +98,10 @@ class ReparamConv2d(nn.Module):
         self.output_padding = (0, 0)
         self.groups = groups
         self.deploy = deploy
+        # What the host asked for: a layer that stands in for a bias-free conv (``bias=False``,
+        # no norm of its own) but fuses to one with a bias (DBB) has that bias folded into the
+        # norm that follows it (:func:`mmorepa.reparameterize`), so the host's keys stay plain.
+        self.expects_bias = bias
         self._kernel_cache = None
         self.fold_norm_in_eval = True
         self.bn = None

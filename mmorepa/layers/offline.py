@@ -1,18 +1,18 @@
-"""Offline re-parameterization blocks for the paper's comparisons: DBB and RepVGG / OREPA-VGG.
+"""The offline re-parameterization block of the paper's comparisons: DBB.
 
-Their branches carry their own BatchNorms, so they compute every branch on feature maps during
+Its branches carry their own BatchNorms, so it computes every branch on feature maps during
 training (the cost OREPA removes) and are squeezed only at deploy time.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmcv.cnn import build_activation_layer, build_conv_layer, build_norm_layer
+from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
 from .. import kernels as K
-from .base import ReparamConv2d, bn_fuse, check_conv_args
+from .base import ReparamConv2d, bn_fuse
 
 
 class _ConvBN(nn.Module):
@@ -140,95 +140,3 @@ def _bias_through(kernel: Tensor, bias: Tensor, groups: int) -> Tensor:
     c_out, cin_g = kernel.shape[:2]
     summed = kernel.sum((2, 3)).reshape(groups, c_out // groups, cin_g)
     return torch.einsum('goi,gi->go', summed, bias.reshape(groups, cin_g)).reshape(c_out)
-
-
-REPVGG_BRANCHES = ('kxk', '1x1', 'identity')
-
-
-class RepVGGBlock(nn.Module):
-    """The RepVGG block: ``3x3-BN + 1x1-BN (+ BN identity)``, then the activation.
-
-    ``orepa=True`` gives the OREPA-VGG block of supp 2.4: the same three branches, the ``3x3``
-    branch an :class:`~mmorepa.layers.OREPAConv2d` (options ``orepa_cfg``) with its own BN.
-    ``branches`` keeps a subset (``('kxk',)`` is the plain conv-BN-ReLU block of supp Table 3,
-    "None"). Attribute names follow mmpretrain's ``RepVGGBlock``, so a fused block loads into
-    mmpretrain's ``RepVGG`` with ``deploy=True`` (``branch_reparam``).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride=1, padding=1, dilation=1,
-                 groups: int = 1, orepa: bool = False, orepa_cfg: Optional[dict] = None,
-                 branches=REPVGG_BRANCHES, norm_cfg: dict = dict(type='BN'),
-                 act_cfg: Optional[dict] = dict(type='ReLU'), deploy: bool = False):
-        super().__init__()
-        check_conv_args(in_channels, out_channels, 3, stride, padding, dilation, groups)
-        for b in branches:
-            if b not in REPVGG_BRANCHES:
-                raise ValueError(f'unknown branch {b!r}; expected one of {list(REPVGG_BRANCHES)}')
-        if 'kxk' not in branches:
-            raise ValueError(f"branches {tuple(branches)!r} must include 'kxk'")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.deploy = deploy
-        self.act = build_activation_layer(act_cfg) if act_cfg is not None else nn.Identity()
-        if deploy:
-            self.branch_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, padding,
-                                            dilation, groups, bias=True)
-            return
-        if padding != dilation:
-            raise ValueError(f'RepVGGBlock needs padding == dilation, got padding={padding!r}, '
-                             f'dilation={dilation!r}')
-        if orepa:
-            self.branch_3x3 = build_conv_layer(
-                dict(type='OREPAConv2d', **(orepa_cfg or {})), in_channels, out_channels, 3,
-                stride=stride, padding=padding, dilation=dilation, groups=groups,
-                norm_cfg=norm_cfg)
-        else:
-            self.branch_3x3 = _ConvBN(in_channels, out_channels, 3, stride, padding, dilation,
-                                      groups, norm_cfg)
-        self.branch_1x1 = (_ConvBN(in_channels, out_channels, 1, stride, 0, 1, groups, norm_cfg)
-                           if '1x1' in branches else None)
-        self.branch_norm = (build_norm_layer(norm_cfg, in_channels)[1]
-                            if 'identity' in branches and in_channels == out_channels
-                            and stride == 1 else None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.deploy:
-            return self.act(self.branch_reparam(x))
-        out = self.branch_3x3(x)
-        if self.branch_1x1 is not None:
-            out = out + self.branch_1x1(x)
-        if self.branch_norm is not None:
-            out = out + self.branch_norm(x)
-        return self.act(out)
-
-    def fused_kernel_and_bias(self) -> Tuple[Tensor, Tensor]:
-        if self.deploy:
-            return self.branch_reparam.weight, self.branch_reparam.bias
-        if isinstance(self.branch_3x3, ReparamConv2d):
-            w, b = self.branch_3x3.fused_kernel_and_bias()
-        else:
-            w, b = self.branch_3x3.fuse()
-        if self.branch_1x1 is not None:
-            w1, b1 = self.branch_1x1.fuse()
-            w, b = w + K.pad_to(w1, 3), b + b1
-        if self.branch_norm is not None:
-            ident = K.identity_kernel(self.in_channels, self.groups, 3, w.dtype, w.device)
-            wi, bi = bn_fuse(ident, None, self.branch_norm)
-            w, b = w + wi, b + bi
-        return w, b
-
-    def switch_to_deploy(self):
-        """Fuse the branches into ``branch_reparam`` in place. Idempotent."""
-        if self.deploy:
-            return
-        with torch.no_grad():
-            w, b = self.fused_kernel_and_bias()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, self.padding,
-                         self.dilation, self.groups, bias=True, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            conv.bias.copy_(b)
-        for name in ('branch_3x3', 'branch_1x1', 'branch_norm'):
-            delattr(self, name)
-        self.branch_reparam = conv.train(self.training)
-        self.deploy = True

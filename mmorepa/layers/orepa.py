@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import kernels as K
 from .base import ReparamConv2d, _pair_square
+from .offline import DiverseBranchBlock
 
 # Branch names, in the row order of the scaling vector (the order of the official checkpoints).
 BRANCHES = ('kxk', '1x1_avg', '1x1_freq', '1x1_kxk', '1x1', 'dw_pw')
@@ -31,6 +32,22 @@ def _check_choice(value, choices, name):
         raise ValueError(f'unknown {name} {value!r}; expected one of {list(choices)}')
 
 
+def check_branches(branches, choices, name='branches') -> Tuple[str, ...]:
+    """A non-empty sequence of distinct branch names from ``choices``, in ``choices``' order.
+
+    A bare string is refused (``'kxk'`` would otherwise read as the branches 'k', 'x', 'k')."""
+    if isinstance(branches, str) or not isinstance(branches, (list, tuple)):
+        raise ValueError(f'{name} must be a list or tuple of branch names, got {branches!r}')
+    if not branches:
+        raise ValueError(f'{name} must name at least one branch')
+    for b in branches:
+        if b not in choices:
+            raise ValueError(f'unknown branch {b!r} in {name}; expected one of {list(choices)}')
+    if len(set(branches)) != len(branches):
+        raise ValueError(f'{name} has duplicates: {tuple(branches)!r}')
+    return tuple(b for b in choices if b in branches)
+
+
 class _ScaledBranches:
     """Mixin: per-branch linear scaling layers (Sec. 3.2), ``(M, C_out)``, ``(M, 1)`` or none."""
 
@@ -39,7 +56,9 @@ class _ScaledBranches:
         init = dict(defaults)
         if scale_init is not None:
             for name in scale_init:
-                _check_choice(name, defaults, 'branch in scale_init')
+                if name not in branches:
+                    raise ValueError(f'scale_init names branch {name!r}, which this layer does '
+                                     f'not build (branches: {list(branches)})')
             init.update(scale_init)
         self.scaling = scaling
         if scaling == 'none':
@@ -81,18 +100,11 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
                  dw_expansion: int = 8, deploy: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, deploy)
-        branches = tuple(branches)
-        if not branches:
-            raise ValueError('branches must name at least one branch')
-        for b in branches:
-            _check_choice(b, BRANCHES, 'branch')
-        if len(set(branches)) != len(branches):
-            raise ValueError(f'branches has duplicates: {branches!r}')
+        # Canonical order, whatever order the caller used.
+        self.branches = check_branches(branches, BRANCHES)
         if isinstance(dw_expansion, bool) or not isinstance(dw_expansion, int) or dw_expansion < 1:
             raise ValueError(f'dw_expansion must be a positive int, got {dw_expansion!r}')
         _check_choice(scaling, SCALINGS, 'scaling')
-        # Canonical order, whatever order the caller used.
-        self.branches = tuple(b for b in BRANCHES if b in branches)
         self.dw_expansion = dw_expansion
         if deploy:
             self._init_deploy(bias or norm_cfg is not None)
@@ -193,13 +205,8 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
                          bias, deploy)
         if self.kernel_size != (1, 1):
             raise ValueError(f'OREPAConv1x1 needs kernel_size=1, got {kernel_size!r}')
-        branches = tuple(branches)
-        if not branches:
-            raise ValueError('branches must name at least one branch')
-        for b in branches:
-            _check_choice(b, REP1X1_BRANCHES, 'branch')
+        self.branches = check_branches(branches, REP1X1_BRANCHES)
         _check_choice(scaling, SCALINGS, 'scaling')
-        self.branches = tuple(b for b in REP1X1_BRANCHES if b in branches)
         if deploy:
             self._init_deploy(bias or norm_cfg is not None)
             return
@@ -285,24 +292,50 @@ class OREPALargeConv(ReparamConv2d):
 def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
           groups: int = 1, bias: bool = True, branches: Sequence[str] = BRANCHES,
           rep1x1_branches: Sequence[str] = REP1X1_BRANCHES, scaling: str = 'vector',
-          norm_cfg: Optional[dict] = None, deploy: bool = False) -> ReparamConv2d:
+          rep_1x1: bool = True, linear_deep_stem: bool = True, norm_cfg: Optional[dict] = None,
+          deploy: bool = False) -> nn.Module:
     """The ``conv_cfg`` type: ``nn.Conv2d``'s signature, the OREPA layer chosen by kernel size.
 
-    1: :class:`OREPAConv1x1` (Rep-1x1, branches ``rep1x1_branches``); 3: :class:`OREPAConv2d`
-    (``branches``); odd >= 5: :class:`OREPALargeConv` (the linear deep stem, generators with
-    ``branches``). ``conv_cfg=dict(type='OREPA')`` turns a stock ResNet into an OREPA-ResNet; the
-    other keys of ``conv_cfg`` (``branches``, ``scaling``, ...) select the ablations of Tables 2, 3.
+    1: :class:`OREPAConv1x1` (Rep-1x1, branches ``rep1x1_branches``; a plain ``nn.Conv2d`` with
+    ``rep_1x1=False``); 3: :class:`OREPAConv2d` (``branches``); odd >= 5: :class:`OREPALargeConv`
+    (the linear deep stem, generators with ``branches``; a plain ``nn.Conv2d`` with
+    ``linear_deep_stem=False``). ``conv_cfg=dict(type='OREPA')`` turns a stock ResNet into an
+    OREPA-ResNet; the other keys (``branches``, ``scaling``, ``rep_1x1``, ``linear_deep_stem``)
+    select the ablations of Tables 2 and 3. Every option is checked whatever the kernel size.
     """
     k = _pair_square(kernel_size, 'kernel_size')
-    common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                  norm_cfg=norm_cfg, deploy=deploy)
+    check_branches(branches, BRANCHES)
+    check_branches(rep1x1_branches, REP1X1_BRANCHES, 'rep1x1_branches')
+    _check_choice(scaling, SCALINGS, 'scaling')
+    common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    plain = (k == 1 and not rep_1x1) or (k >= 5 and not linear_deep_stem)
+    if plain or deploy:
+        return _plain_conv(in_channels, out_channels, k, **common)
     if k == 1:
         return OREPAConv1x1(in_channels, out_channels, 1, branches=rep1x1_branches,
-                            scaling=scaling, **common)
+                            scaling=scaling, norm_cfg=norm_cfg, **common)
     if k == 3:
         return OREPAConv2d(in_channels, out_channels, 3, branches=branches, scaling=scaling,
-                           **common)
+                           norm_cfg=norm_cfg, **common)
     if k >= 5 and k % 2:
-        return OREPALargeConv(in_channels, out_channels, k, **common,
+        return OREPALargeConv(in_channels, out_channels, k, norm_cfg=norm_cfg, **common,
                               generator_cfg=dict(branches=branches, scaling=scaling))
     raise ValueError(f'OREPA supports kernel_size 1, 3 or odd >= 5, got {kernel_size!r}')
+
+
+def DBB(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+        groups: int = 1, bias: bool = True, norm_cfg: dict = dict(type='BN'),
+        deploy: bool = False) -> nn.Module:
+    """The ``conv_cfg`` type of DBB-ResNet: a :class:`~mmorepa.layers.DiverseBranchBlock` for
+    every ``k x k`` conv (k > 1), a plain ``nn.Conv2d`` for the 1x1 convs (as in DBB-ResNet)."""
+    k = _pair_square(kernel_size, 'kernel_size')
+    common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    if k == 1 or deploy:
+        return _plain_conv(in_channels, out_channels, k, **common)
+    return DiverseBranchBlock(in_channels, out_channels, k, norm_cfg=norm_cfg, **common)
+
+
+def _plain_conv(in_channels, out_channels, k, stride, padding, dilation, groups, bias):
+    if padding is None:
+        padding = _pair_square(dilation, 'dilation') * (k - 1) // 2
+    return nn.Conv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias=bias)
