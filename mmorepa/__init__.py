@@ -6,16 +6,15 @@ checkpoints load under torch's ``weights_only=True`` default.
 """
 from . import kernels
 from .checkpoint import allow_mmengine_checkpoints
-from .layers import (OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv,
-                     RepVGGBlock, ReparamConv2d)
+from .layers import (DBB, OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv,
+                     ReparamConv2d)
 from .reparameterize import reparameterize, unfused_eval
 from . import datasets, deploy, runtime  # noqa: E402
 from .models import OREPAVGG, OREPAResNet  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['kernels', 'datasets', 'deploy', 'runtime', 'reparameterize', 'OREPA', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
-           'DiverseBranchBlock', 'RepVGGBlock', 'ReparamConv2d', 'allow_mmengine_checkpoints',
-           'unfused_eval',
-           'OREPAResNet', 'OREPAVGG']
+__all__ = ['kernels', 'datasets', 'deploy', 'runtime', 'reparameterize', 'unfused_eval',
+           'OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv', 'DiverseBranchBlock',
+           'ReparamConv2d', 'allow_mmengine_checkpoints', 'OREPAResNet', 'OREPAVGG']
 
 allow_mmengine_checkpoints()

@@ -14,7 +14,8 @@ from mmengine.registry import MODELS, init_default_scope
 from .reparameterize import reparameterize, unfused_eval
 
 # conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).
-CONV_TYPES = ('OREPA', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv', 'DiverseBranchBlock')
+CONV_TYPES = ('OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
+              'DiverseBranchBlock')
 
 
 class CheckpointError(ValueError):
@@ -80,7 +81,8 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def _deploy_model_cfg(node):
-    """Replace, recursively, mmorepa backbones by their stock form and drop mmorepa conv types."""
+    """Replace, recursively, mmorepa backbones by their stock form (their ``stock_cfg``) and drop
+    mmorepa conv types."""
     if isinstance(node, (list, tuple)):
         return type(node)(_deploy_model_cfg(v) for v in node)
     if not isinstance(node, dict):
@@ -96,12 +98,17 @@ def _deploy_model_cfg(node):
 
 
 def deploy_config(cfg: Config) -> Config:
-    """The deploy form of a config: stock backbones (no mmorepa needed), no pretrained init."""
+    """The deploy form of a training config: the same network without OREPA. mmorepa backbones
+    become the toolbox's own (``OREPAResNet`` -> ``ResNet`` / ``ResNeXt``, ``OREPAVGG`` ->
+    ``RepVGG(deploy=True)``), mmorepa ``conv_cfg`` types become plain convs, and the pretrained
+    initialisation goes (the fused checkpoint holds every weight). No mmorepa import is left:
+    the whole config is converted, helper variables of the config files included."""
     cfg = copy.deepcopy(cfg)
     init_default_scope(cfg.get('default_scope', None))
-    model = _deploy_model_cfg(cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else cfg.model)
-    _drop_key(model, 'init_cfg')
-    cfg.model = model
+    for key in list(cfg.keys()):
+        value = cfg[key]
+        cfg[key] = _deploy_model_cfg(value.to_dict() if hasattr(value, 'to_dict') else value)
+    _drop_key(cfg.model, 'init_cfg')
     imports = cfg.get('custom_imports')
     if imports:
         kept = [m for m in imports.get('imports', []) if m != 'mmorepa'

@@ -67,7 +67,8 @@ def test_mismatched_checkpoints_name_the_key(tmp_path):
     path = tmp_path / 'c.pth'
     torch.save(dict(state_dict=converted), path)
     bottleneck = _build(dict(type='ImageClassifier', backbone=dict(
-        type='OREPAResNet', depth=50, stage_blocks=(2, 2, 2, 2), base_channels=16),
+        type='OREPAResNet', depth=50, stage_blocks=(2, 2, 2, 2), base_channels=16,
+        stem_channels=16),
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=10, in_channels=512)))
     with pytest.raises(CheckpointError, match=r"backbone\.layer1\.0\.conv1"):

@@ -49,11 +49,13 @@ def build_model(arch: str, reparam: str, orepa_cfg=None):
         depth = int(arch[len('resnet'):])
         backbone = OREPAResNet(depth, reparam=reparam, orepa_cfg=orepa_cfg, init_cfg=None)
     elif arch.startswith('repvgg-'):
-        vgg_reparam = {'none': 'none', 'repvgg': 'repvgg', 'orepa': 'orepa',
+        # 'none': the plain VGG, i.e. RepVGG's fused form (3x3 conv + bias, ReLU) trained as is
+        vgg_reparam = {'none': 'repvgg', 'repvgg': 'repvgg', 'orepa': 'orepa',
                        'orepa-vgg': 'orepa'}.get(reparam)
         if vgg_reparam is None:
             raise ValueError(f'reparam {reparam!r} does not apply to {arch}')
-        backbone = OREPAVGG(arch.split('-')[1], reparam=vgg_reparam, init_cfg=None)
+        backbone = OREPAVGG(arch.split('-')[1], reparam=vgg_reparam, deploy=reparam == 'none',
+                            init_cfg=None)
     else:
         raise ValueError(f'unknown arch {arch!r}; expected one of {list(ARCHS)}')
 

@@ -1,63 +1,58 @@
-"""RepVGG-A0/A1/A2 with RepVGG blocks, OREPA-VGG blocks (supp 2.4) or none: a thin subclass of
-mmpretrain's ``RepVGG`` whose blocks are mmorepa's :class:`~mmorepa.layers.RepVGGBlock` under the
-same names, so a fused model loads into mmpretrain's ``RepVGG(deploy=True)``."""
+"""OREPA-VGG (supp 2.4) and RepVGG: mmpretrain's own ``RepVGG`` with OREPA 3x3 convs.
+
+The 3x3 conv of each RepVGG block's 3x3 branch becomes an :class:`~mmorepa.layers.OREPAConv2d`
+(the branch's BN is its post-addition norm); the 1x1 branch and the identity BN stay as they are.
+Fused, it is mmpretrain's ``RepVGG(deploy=True)``.
+"""
 import copy
 from typing import Optional
 
 from mmengine.registry import MODELS
-from mmpretrain.models.backbones.repvgg import RepVGG
-from mmpretrain.models.backbones.repvgg import RepVGGBlock as _MMPretrainRepVGGBlock
 
-from ...layers import RepVGGBlock
-from ...reparameterize import fuse_children
+from .reparam_backbone import reparam_class, stock_class
 
-REPARAMS = {'none': dict(branches=('kxk', )), 'repvgg': dict(), 'orepa': dict(orepa=True)}
+REPARAMS = ('orepa', 'repvgg')
+_OURS = ('type', '_scope_', 'reparam', 'orepa_cfg', 'deploy')
+
+
+def vgg_conv_cfg(reparam: str = 'orepa', orepa_cfg: Optional[dict] = None) -> Optional[dict]:
+    """The ``conv_cfg`` swapped into RepVGG: OREPA for the 3x3 convs (``orepa_cfg``: ``branches``,
+    ``scaling``), the 1x1 convs plain; ``None`` for RepVGG itself."""
+    if reparam not in REPARAMS:
+        raise ValueError(f'unknown reparam {reparam!r}; expected one of {list(REPARAMS)}')
+    if reparam == 'repvgg':
+        if orepa_cfg:
+            raise ValueError(f"orepa_cfg {orepa_cfg!r} is for reparam='orepa'")
+        return None
+    cfg = dict(orepa_cfg or {})
+    for key in cfg:
+        if key not in ('branches', 'scaling'):
+            raise ValueError(f"unknown orepa_cfg key {key!r}; expected 'branches' or 'scaling'")
+    return dict(type='OREPA', rep_1x1=False, **cfg)
 
 
 @MODELS.register_module()
-class OREPAVGG(RepVGG):
-    """mmpretrain's ``RepVGG`` (any arch without SE blocks) with a choice of block.
+def OREPAVGG(arch, reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
+             deploy: bool = False, **kwargs):
+    """mmpretrain's ``RepVGG`` (any arch without SE blocks) with OREPA-VGG or RepVGG blocks.
 
     Args:
         arch: ``'A0'``, ``'A1'``, ``'A2'``, ... or an arch dict, as in mmpretrain.
-        reparam: ``'orepa'`` (OREPA-VGG: RepVGG's three branches, the 3x3 one an OREPA conv),
-            ``'repvgg'`` (RepVGG) or ``'none'`` (3x3-BN-ReLU, the plain VGG).
-        orepa_cfg: options of the OREPA 3x3 branch (``branches``, ``scaling``, ...).
-        Other arguments as mmpretrain's ``RepVGG``.
+        reparam: ``'orepa'`` (OREPA-VGG) or ``'repvgg'`` (mmpretrain's RepVGG unchanged).
+        orepa_cfg: options of the OREPA 3x3 convs (``branches``, ``scaling``).
+        deploy: build the fused form (``RepVGG(deploy=True)``) directly.
+        **kwargs: every other argument of mmpretrain's ``RepVGG``.
     """
+    conv_cfg = vgg_conv_cfg(reparam, orepa_cfg)
+    return reparam_class(stock_class('RepVGG', 'mmpretrain'))(
+        arch, reparam_conv_cfg=conv_cfg, deploy=deploy, **kwargs)
 
-    def __init__(self, arch, reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
-                 deploy: bool = False, **kwargs):
-        if reparam not in REPARAMS:
-            raise ValueError(f'unknown reparam {reparam!r}; expected one of {list(REPARAMS)}')
-        super().__init__(arch, deploy=deploy, **kwargs)
-        if self.arch.get('se_cfg') is not None:
-            raise ValueError(f'OREPAVGG does not support SE blocks (arch {arch!r})')
-        if kwargs.get('with_cp'):
-            raise ValueError('OREPAVGG does not support with_cp')
-        if deploy:
-            return
-        options = dict(REPARAMS[reparam])
-        if reparam == 'orepa':
-            options['orepa_cfg'] = orepa_cfg
-        for name, module in list(self.named_modules()):
-            if isinstance(module, _MMPretrainRepVGGBlock):
-                parent_name, _, child = name.rpartition('.')
-                parent = self.get_submodule(parent_name) if parent_name else self
-                setattr(parent, child, RepVGGBlock(
-                    module.in_channels, module.out_channels, module.stride, module.padding,
-                    module.dilation, module.groups, norm_cfg=self.norm_cfg,
-                    act_cfg=self.act_cfg, **options))
 
-    def switch_to_deploy(self):
-        """Fuse every block into its ``branch_reparam`` conv (in place, idempotent)."""
-        fuse_children(self)
-        self.deploy = True
+def vgg_stock_cfg(cfg: dict) -> dict:
+    """mmpretrain's ``RepVGG`` with ``deploy=True``: what a fused model is."""
+    cfg = copy.deepcopy(dict(cfg))
+    return dict(type='mmpretrain.RepVGG', deploy=True,
+                **{k: v for k, v in cfg.items() if k not in _OURS})
 
-    @classmethod
-    def stock_cfg(cls, cfg: dict) -> dict:
-        """mmpretrain's ``RepVGG`` with ``deploy=True``: what a fused model loads into."""
-        cfg = copy.deepcopy(dict(cfg))
-        for key in ('type', 'reparam', 'orepa_cfg', '_scope_'):
-            cfg.pop(key, None)
-        return dict(type='mmpretrain.RepVGG', **dict(cfg, deploy=True))
+
+OREPAVGG.stock_cfg = vgg_stock_cfg
