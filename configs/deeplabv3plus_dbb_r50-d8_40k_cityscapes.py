@@ -1,4 +1,6 @@
-# DeepLabV3+ with DBB-ResNet-50-D8 (paper Table 5): the vanilla config with reparam='dbb'.
+# DeepLabV3+ with DBB-ResNet-50-D8 (paper Table 5): the vanilla config, its backbone a DBB OREPAResNet.
 _base_ = './deeplabv3plus_r50-d8_40k_cityscapes.py'
+custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
 model = dict(backbone=dict(
-    reparam='dbb', init_cfg=dict(checkpoint='checkpoints/dbb-resnet50_in1k.pth')))
+    type='OREPAResNet', reparam='dbb',
+    init_cfg=dict(checkpoint='checkpoints/dbb-resnet50_in1k.pth')))

@@ -1,7 +1,8 @@
-# Faster R-CNN with OREPA-ResNet-50 (paper Table 5): the vanilla config with reparam='orepa'.
+# Faster R-CNN with OREPA-ResNet-50 (paper Table 5): the vanilla config, its backbone an OREPAResNet.
 # supp 2.3: the pretrained stem (the linear deep stem) is not frozen; its learning rate is x0.1.
 _base_ = ['./faster_rcnn_r50_1x_coco.py', './_base_/orepa_stem_lr.py']
+custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
 model = dict(backbone=dict(
-    reparam='orepa', frozen_stages=-1,
+    type='OREPAResNet', reparam='orepa', frozen_stages=-1,
     init_cfg=dict(checkpoint='checkpoints/orepa-resnet50_in1k.pth')))
 optim_wrapper = dict(paramwise_cfg={{_base_.orepa_stem_lr}})

@@ -1,4 +1,5 @@
-"""configs/deploy/: each takes the fused weights of its OREPA config, with no mmorepa inside."""
+"""configs/deploy/: each equals, field by field, what ``deploy_config`` generates from its training
+config, holds no mmorepa, and takes the fused weights of that training config."""
 import re
 from pathlib import Path
 
@@ -12,23 +13,28 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = sorted((ROOT / 'configs' / 'deploy').glob('*.py'))
 
 
-def _without_pretrained(cfg):
-    cfg.model.backbone.pop('init_cfg', None)
-    return cfg
+def _plain(node):
+    """Config values as plain Python (ConfigDict -> dict, tuple -> list) for comparison."""
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node
 
 
 @pytest.mark.parametrize('path', DEPLOY, ids=[p.stem for p in DEPLOY])
-def test_deploy_config_takes_the_fused_weights(path):
+def test_deploy_config_is_the_generated_one_and_takes_the_fused_weights(path):
     deploy_cfg = Config.fromfile(str(path))
     assert not deploy_cfg.custom_imports['imports']
     base = re.search(r"^_base_ = '(.+)'$", path.read_text(), re.M).group(1)
-    train_path = (path.parent / base).resolve()
-    train_cfg = _without_pretrained(Config.fromfile(str(train_path)))
+    train_cfg = Config.fromfile(str((path.parent / base).resolve()))
+    generated = deploy_config(train_cfg)
+    # field by field: the whole model, the imports, the pretrained weights
+    assert _plain(generated.model.to_dict()) == _plain(deploy_cfg.model.to_dict())
+    assert 'custom_imports' not in generated and generated.load_from is None
+    train_cfg.model.backbone.pop('init_cfg', None)
     fused = mmorepa.reparameterize(build_model(train_cfg).eval())
     stock = build_model(deploy_cfg)
     assert not any(type(m).__module__.startswith('mmorepa') for m in stock.modules())
     check_state_dict_fits(stock, fused.state_dict(), path.name)
     stock.load_state_dict(fused.state_dict(), strict=True)
-    # the generated deploy config (tools/deploy_convert.py) agrees with the static one
-    generated = deploy_config(train_cfg).model.backbone
-    assert generated['type'].split('.')[-1] == deploy_cfg.model.backbone.type

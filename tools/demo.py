@@ -2,14 +2,17 @@
 
     python tools/demo.py [--quick] [--work-dir work_dirs/demo] [--data-root data/shapes]
 
-For classification (a stock mmpretrain ResNet-18 with ``conv_cfg=dict(type='OREPA')``), detection
-(Faster R-CNN, OREPA-ResNet-18) and segmentation (PSPNet, OREPA-ResNet-18-D8) on the generated
-shapes data set: train (tools/train.py) -> evaluate -> fuse (tools/deploy_convert.py: stock
+The paper's pipeline on the generated shapes data set, with one OREPA-ResNet-18
+(configs/demo/_base_/orepa_r18.py): the classifier trains it first; detection (Faster R-CNN) and
+segmentation (PSPNet, D8) then start from the classifier's checkpoint (``init_cfg=Pretrained``,
+``prefix='backbone.'``), and the job checks in their logs that every backbone weight loaded.
+Each task: train (tools/train.py) -> evaluate -> fuse (tools/deploy_convert.py: the stock
 backbone, no mmorepa needed) -> evaluate the fused model (tools/test.py with the deploy config),
 then a table of the metrics before and after fusion. ``--quick`` runs a few iterations only (CI).
 """
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 TASKS = [
     dict(name='classification', config='configs/demo/orepa_r18_shapes_cls.py',
-         model='ResNet-18, conv_cfg=OREPA', metric='accuracy/top1', label='top-1 (%)',
+         model='OREPA-R18 classifier', metric='accuracy/top1', label='top-1 (%)',
          quick=['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
                 'train_dataloader.dataset.indices=64']),
     dict(name='detection', config='configs/demo/faster_rcnn_orepa_r18_shapes.py',
@@ -33,7 +36,7 @@ TASKS = [
          quick=['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
                 'default_hooks.checkpoint.interval=4', 'val_dataloader.dataset.indices=8']),
 ]
-PROGRESS = re.compile(r'(Epoch|Iter)\((train|val|test)\)|relative error|Error|error:')
+PROGRESS = re.compile(r'(Epoch|Iter)\(\w+\)|relative error|Error|error:|load backbone')
 
 
 def run(cmd, log_path, prefix):
@@ -57,7 +60,21 @@ def run(cmd, log_path, prefix):
     return ''.join(lines)
 
 
-def run_task(task, work_dir: Path, data_root: str, quick: bool):
+def check_backbone_loaded(log: str, checkpoint: str, name: str) -> str:
+    """The training log of a task started from ``checkpoint`` must show the backbone loaded from it
+    with no missing or unexpected key (mmengine reports any mismatch in the log)."""
+    if f'load backbone. in model from: {checkpoint}' not in log:
+        raise SystemExit(f'{name}: the log does not show the backbone loaded from {checkpoint}')
+    if 'do not match exactly' in log:
+        detail = log[log.index('do not match exactly'):][:500]
+        raise SystemExit(f'{name}: the backbone checkpoint {checkpoint} did not fit: {detail}')
+    import torch
+    keys = [k for k in torch.load(ROOT / checkpoint, map_location='cpu', weights_only=True)[
+        'state_dict'] if k.startswith('backbone.')]
+    return f'backbone <- {checkpoint}: all {len(keys)} tensors, no missing or unexpected key'
+
+
+def run_task(task, work_dir: Path, data_root: str, quick: bool, backbone_ckpt=None):
     name = task['name']
     wd = work_dir / name
     opts = [f"train_dataloader.dataset.data_root={data_root}/{_sub(name)}",
@@ -68,12 +85,17 @@ def run_task(task, work_dir: Path, data_root: str, quick: bool):
                  f'test_evaluator.ann_file={data_root}/det/annotations/val.json']
     if quick:
         opts += task['quick']
+    if backbone_ckpt is not None:
+        opts.append(f'model.backbone.init_cfg.checkpoint={backbone_ckpt}')
     cfg_opts = ['--cfg-options'] + opts
-    print(f'== {name}: train {task["model"]}', flush=True)
+    start = f' from {backbone_ckpt}' if backbone_ckpt else ''
+    print(f'== {name}: train {task["model"]}{start}', flush=True)
     t0 = time.time()
-    run(['tools/train.py', task['config'], '--work-dir', str(wd / 'train')] + cfg_opts,
-        wd / 'train.log', name)
+    log = run(['tools/train.py', task['config'], '--work-dir', str(wd / 'train')] + cfg_opts,
+              wd / 'train.log', name)
     train_s = time.time() - t0
+    if backbone_ckpt is not None:
+        print(f'== {name}: {check_backbone_loaded(log, backbone_ckpt, name)}', flush=True)
     ckpt = (wd / 'train' / 'last_checkpoint').read_text().strip()
     print(f'== {name}: evaluate the trained (un-fused) model', flush=True)
     run(['tools/test.py', task['config'], ckpt, '--work-dir', str(wd / 'test'),
@@ -89,7 +111,7 @@ def run_task(task, work_dir: Path, data_root: str, quick: bool):
     before = json.loads((wd / 'metrics_unfused.json').read_text())[task['metric']]
     after = json.loads((wd / 'metrics_fused.json').read_text())[task['metric']]
     return dict(task=name, model=task['model'], label=task['label'], before=before, after=after,
-                err=err, train_s=train_s)
+                err=err, train_s=train_s, checkpoint=ckpt)
 
 
 def _sub(task_name):
@@ -110,8 +132,19 @@ def main(argv=None):
     print(f'== data: generating shapes under {args.data_root} ({n_train} train / {n_val} val '
           'images per task)', flush=True)
     make_shapes_dataset(ROOT / args.data_root, num_train=n_train, num_val=n_val)
-    rows = [run_task(t, ROOT / args.work_dir, args.data_root, args.quick)
-            for t in TASKS if t['name'] in args.tasks]
+    rows, backbone_ckpt = [], None
+    previous = ROOT / args.work_dir / 'classification' / 'train' / 'last_checkpoint'
+    if 'classification' not in args.tasks:
+        if not previous.is_file():
+            raise SystemExit(f'detection and segmentation start from the classifier: run the '
+                             f'classification task first (no {previous})')
+        backbone_ckpt = os.path.relpath(previous.read_text().strip(), ROOT)
+    for t in TASKS:  # classification first: its checkpoint starts the other two
+        if t['name'] in args.tasks:
+            rows.append(run_task(t, ROOT / args.work_dir, args.data_root, args.quick,
+                                 backbone_ckpt))
+            if t['name'] == 'classification':
+                backbone_ckpt = os.path.relpath(rows[-1]['checkpoint'], ROOT)
     print()
     print(f'{"task":<15}{"model":<27}{"metric":<11}{"un-fused":>9}{"fused":>9}'
           f'{"feat. rel. err":>16}{"train s":>9}')

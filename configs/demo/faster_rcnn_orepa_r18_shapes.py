@@ -1,6 +1,8 @@
-# Demo: Faster R-CNN with an OREPA-ResNet-18 (half width) on the generated shapes data set, CPU-sized
-# (128x128 inputs). The real COCO recipe is configs/faster_rcnn_orepa_r50_1x_coco.py.
-_base_ = ['mmdet::_base_/models/faster-rcnn_r50_fpn.py', 'mmdet::_base_/default_runtime.py']
+# Demo: Faster R-CNN with the OREPA-ResNet-18 of ./_base_/orepa_r18.py, started from the demo
+# classifier's checkpoint, on the generated shapes data set, CPU-sized (128x128 inputs).
+# The real COCO recipe is configs/faster_rcnn_orepa_r50_1x_coco.py.
+_base_ = ['mmdet::_base_/models/faster-rcnn_r50_fpn.py', 'mmdet::_base_/default_runtime.py',
+          './_base_/orepa_r18.py']
 custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
 
 data_root = 'data/shapes/det/'
@@ -8,8 +10,7 @@ metainfo = dict(classes=('circle', 'square', 'triangle'),
                 palette=[(220, 20, 60), (0, 128, 255), (0, 200, 0)])
 model = dict(
     data_preprocessor=dict(mean=[127.5] * 3, std=[64.0] * 3),
-    backbone=dict(_delete_=True, type='OREPAResNet', depth=18, base_channels=32,
-                  out_indices=(0, 1, 2, 3), norm_eval=False, init_cfg=None),
+    backbone={{_base_.orepa_r18_pretrained}},
     neck=dict(in_channels=[32, 64, 128, 256], out_channels=64),
     rpn_head=dict(in_channels=64, feat_channels=64,
                   anchor_generator=dict(scales=[4], ratios=[0.5, 1.0, 2.0])),

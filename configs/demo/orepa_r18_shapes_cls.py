@@ -1,6 +1,6 @@
-# Demo: a stock mmpretrain ResNet-18 whose convs are OREPA layers (conv_cfg=dict(type='OREPA')),
-# trained on the generated shapes data set (mmorepa.datasets.make_shapes_dataset) on the CPU.
-_base_ = ['mmpretrain::_base_/default_runtime.py']
+# Demo: the OREPA-ResNet-18 classifier (./_base_/orepa_r18.py), trained from scratch on the
+# generated shapes data set (mmorepa.datasets.make_shapes_dataset) on the CPU.
+_base_ = ['mmpretrain::_base_/default_runtime.py', './_base_/orepa_r18.py']
 
 custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
 
@@ -9,9 +9,9 @@ num_classes = 3
 
 model = dict(
     type='ImageClassifier',
-    backbone=dict(type='ResNet', depth=18, conv_cfg=dict(type='OREPA')),
+    backbone={{_base_.orepa_r18}},
     neck=dict(type='GlobalAveragePooling'),
-    head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=512,
+    head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=256,
               loss=dict(type='CrossEntropyLoss'), topk=(1, )))
 
 data_preprocessor = dict(num_classes=num_classes, mean=[127.5] * 3, std=[64.0] * 3, to_rgb=True)
@@ -22,12 +22,12 @@ train_pipeline = [
 ]
 test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
 train_dataloader = dict(
-    batch_size=64, num_workers=0,
+    batch_size=64, num_workers=0, persistent_workers=False,
     dataset=dict(type='CustomDataset', data_root=data_root, data_prefix='train',
                  pipeline=train_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=True))
 val_dataloader = dict(
-    batch_size=16, num_workers=0,
+    batch_size=16, num_workers=0, persistent_workers=False,
     dataset=dict(type='CustomDataset', data_root=data_root, data_prefix='val',
                  pipeline=test_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=False))

@@ -1,6 +1,8 @@
-# Demo: PSPNet with an OREPA-ResNet-18-D8 (half width) on the generated shapes data set, CPU-sized.
+# Demo: PSPNet with the OREPA-ResNet-18 of ./_base_/orepa_r18.py (D8: mmseg's dilations), started
+# from the demo classifier's checkpoint, on the generated shapes data set, CPU-sized.
 # The real Cityscapes recipe is configs/pspnet_orepa_r50-d8_40k_cityscapes.py.
-_base_ = ['mmseg::_base_/models/pspnet_r50-d8.py', 'mmseg::_base_/default_runtime.py']
+_base_ = ['mmseg::_base_/models/pspnet_r50-d8.py', 'mmseg::_base_/default_runtime.py',
+          './_base_/orepa_r18.py']
 custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
 
 data_root = 'data/shapes/seg'
@@ -10,9 +12,7 @@ norm_cfg = dict(type='BN', requires_grad=True)
 model = dict(
     pretrained=None,
     data_preprocessor=dict(size=(64, 64), mean=[127.5] * 3, std=[64.0] * 3),
-    backbone=dict(_delete_=True, type='OREPAResNet', depth=18, base_channels=32,
-                  out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
-                  contract_dilation=True, norm_cfg=norm_cfg, init_cfg=None),
+    backbone={{_base_.orepa_r18_pretrained}},
     decode_head=dict(in_channels=256, channels=64, num_classes=4, norm_cfg=norm_cfg),
     auxiliary_head=dict(in_channels=128, channels=32, num_classes=4, norm_cfg=norm_cfg))
 

@@ -1,4 +1,8 @@
-# Deploy form of imagenet/orepavgg-A0_4xb64-120e_in1k.py: mmpretrain's own RepVGG with deploy=True.
+# Deploy form of imagenet/orepavgg-A0_4xb64-120e_in1k.py.
+# The same network without OREPA, the toolbox's own backbone: what
+# mmorepa.deploy.deploy_config generates (tests/test_deploy_configs.py checks them equal field by
+# field). Weights: tools/deploy_convert.py or mmorepa.reparameterize.
 _base_ = '../imagenet/orepavgg-A0_4xb64-120e_in1k.py'
 custom_imports = dict(_delete_=True, imports=[], allow_failed_imports=False)
-model = dict(backbone=dict(_delete_=True, type='RepVGG', arch='A0', out_indices=(3, ), deploy=True))
+model = dict(backbone=dict(_delete_=True, type='mmpretrain.RepVGG', deploy=True, arch='A0',
+    out_indices=(3,)))
