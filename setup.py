@@ -19,7 +19,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmorepa', 'mmorepa.*']),
     python_requires='>=3.9',
-    install_requires=read_requirements('runtime.txt') + ['torch', 'mmengine'],
+    install_requires=['torch'] + read_requirements('runtime.txt'),
     extras_require={
         'mm': read_requirements('mminstall.txt'),
         'tests': read_requirements('tests.txt'),
