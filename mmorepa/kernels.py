@@ -14,7 +14,7 @@ from torch import Tensor
 
 __all__ = [
     'fuse_bn', 'pad_to', 'compose', 'compose_1x1', 'compose_1x1_depthwise', 'avg_kernel',
-    'frequency_prior', 'dw_pw_to_full', 'identity_kernel', 'scaled_sum',
+    'frequency_prior', 'dw_pw_to_full', 'identity_kernel', 'scaled_sum', 'factor_into_3x3',
 ]
 
 
@@ -162,3 +162,82 @@ def scaled_sum(kernels: Sequence[Tensor], scales: Optional[Tensor]) -> Tensor:
     if scales is None:
         return stacked.sum(0)
     return torch.einsum('mo,moihw->oihw', scales.expand(len(kernels), stacked.shape[1]), stacked)
+
+
+def factor_into_3x3(kernel: Tensor, num_stages: int, width: int,
+                    fill: Optional[Sequence[Tensor]] = None) -> Tuple[Sequence[Tensor], float]:
+    """Stage kernels whose sequential composition (Eq. 3) is ``kernel``: the inverse of the linear
+    deep stem's squeeze (Sec. 3.5), used to start it from a plain ``k x k`` conv.
+
+    ``kernel`` is ``(C_out, C_in, k, k)`` with ``k = 2 * num_stages + 1``; the stages are
+    ``(width, C_in, 3, 3)``, ``(width, width, 3, 3)`` ..., ``(C_out, width, 3, 3)``. Input channel
+    ``c`` at the shift ``(i, j)`` (``i, j`` in 0..2) gets an intermediate channel ``n`` that every
+    stage but the last shifts by ``(i, j)`` once more, so it carries ``c`` shifted by
+    ``(s i, s j)``, ``s = num_stages - 1``; the last stage's taps ``(r, t)`` then reach the offset
+    ``(s i + r, s j + t)`` of ``kernel``. Every offset is reached once when ``s <= 3`` (k <= 9)
+    and ``width >= 9 C_in``: the factorisation is exact. With fewer channels the shifts whose taps
+    carry the least energy are left out, and the returned relative error says what was lost.
+
+    The remaining intermediate channels take the values of ``fill`` (the current stage kernels,
+    or zeros) where that does not change the composition: rows of the first stages (channels no
+    later stage reads), never the last stage's columns for them. So no stage kernel is zero where
+    it could be trained (Prop. 1, Condition 2, holds for the stem's branches as well).
+
+    Returns ``(stages, relative error of their composition against kernel)``.
+    """
+    c_out, c_in, k, _ = kernel.shape
+    if k != 2 * num_stages + 1 or num_stages < 1:
+        raise ValueError(f'a {k}x{k} kernel does not factor into {num_stages} stacked 3x3 kernels')
+    s = max(num_stages - 1, 1)
+    # the stage shift i and last-stage tap r that reach each offset p: i = min(p // s, 2), r = p - s i
+    route = [(min(p // s, 2), p - s * min(p // s, 2)) for p in range(k)]
+    offsets = [[p for p, (i, r) in enumerate(route) if i == shift and r <= 2] for shift in range(3)]
+    # the intermediate channels (c, i, j), the most energetic first when they do not all fit
+    energy = {(c, i, j): kernel[:, c][:, offsets[i]][:, :, offsets[j]].square().sum().item()
+              for c in range(c_in) for i in range(3) for j in range(3)
+              if offsets[i] and offsets[j]}
+    chosen = sorted(energy, key=lambda n: -energy[n])[:width]
+    dtype, device = kernel.dtype, kernel.device
+    shapes = [(width, c_in)] + [(width, width)] * (num_stages - 2) + [(c_out, width)]
+    if num_stages == 1:
+        shapes = [(c_out, c_in)]
+    stages = []
+    for idx, (o, i_) in enumerate(shapes):
+        base = fill[idx].to(dtype) if fill is not None else torch.zeros(o, i_, 3, 3, dtype=dtype)
+        stages.append(base.detach().clone().to(device))
+    if num_stages == 1:
+        stages[0] = kernel.clone()
+        return stages, 0.0
+    used = len(chosen)
+    # first stage: channel n = (c, i, j) is input c shifted by (i, j); rows >= used keep fill
+    stages[0][:used] = 0
+    for n, (c, i, j) in enumerate(chosen):
+        stages[0][n, c, i, j] = 1
+    # middle stages: channel n shifted by (i, j) again; rows >= used keep fill, their columns
+    # < used are read by nothing that reaches the output
+    for st in stages[1:-1]:
+        st[:used] = 0
+        st[:, used:][:used] = 0
+        for n, (c, i, j) in enumerate(chosen):
+            st[n, n, i, j] = 1
+    # last stage: the taps of kernel, routed; no column for the unused channels
+    last = stages[-1]
+    last.zero_()
+    for n, (c, i, j) in enumerate(chosen):
+        for p in offsets[i]:
+            for q in offsets[j]:
+                last[:, n, route[p][1], route[q][1]] = kernel[:, c, p, q]
+    composed = stages[0]
+    for st in stages[1:]:
+        composed = compose(composed, st)
+    err = ((composed - kernel).norm() / kernel.norm().clamp_min(1e-300)).item()
+    return stages, err
+
+
+# -- the online squeeze of one OREPA layer: Eq. 4 with scaling, with its own backward ----------------
+SQUEEZE_BRANCHES = ('kxk', '1x1', '1x1_kxk', '1x1_avg', '1x1_freq', 'dw_pw')
+# The leaf tensors of each branch, by name (``'1x1_kxk'``: the learnable first factor and the
+# ``k x k`` second one; the first factor is ``identity + first`` when an identity is given).
+SQUEEZE_LEAVES = {'kxk': ('kxk', ), '1x1': ('1x1', ), '1x1_kxk': ('1x1_kxk.first', '1x1_kxk.second'),
+                  '1x1_avg': ('1x1_avg', ), '1x1_freq': ('1x1_freq', ), 'dw_pw': ('dw', 'pw')}
+_SQUEEZE_IMPL = ['function']

@@ -91,3 +91,28 @@ def orepa_explicit(layer, x):
     if layer.bias is not None:
         total = total + layer.bias.reshape(1, -1, 1, 1)
     return total
+
+
+class LogRecords:
+    """Collects what mmengine's current logger emits (``with LogRecords() as log: ...``)."""
+
+    def __init__(self):
+        import logging
+
+        class _Handler(logging.Handler):
+            def emit(inner, record):
+                self.messages.append(record.getMessage())
+        self.messages = []
+        self._handler = _Handler()
+
+    def __enter__(self):
+        from mmengine.logging import MMLogger
+        self._logger = MMLogger.get_current_instance()
+        self._logger.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+
+    def text(self) -> str:
+        return '\n'.join(self.messages)

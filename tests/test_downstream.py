@@ -2,7 +2,6 @@
 detectors and segmentors key for key, an mmdet DCN detector deploys into stock mmdet, and
 mmpretrain's own re-parameterization tool handles this project's classifiers."""
 import importlib.util
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,28 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope, init_default_scope
 
 import mmorepa
 from mmorepa.deploy import build_model
 
-from helpers import randomize_network_, rel_err
+from helpers import LogRecords, randomize_network_, rel_err
 from test_toolbox_models import _det_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWNSTREAM = ['configs/faster_rcnn_orepa_r50_1x_coco.py', 'configs/retinanet_orepa_r50_1x_coco.py',
               'configs/pspnet_orepa_r50-d8_40k_cityscapes.py',
               'configs/deeplabv3plus_orepa_r50-d8_40k_cityscapes.py']
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 @pytest.fixture(scope='module')
@@ -55,13 +44,8 @@ def test_imagenet_checkpoint_seeds_downstream_backbones_key_for_key(config, imag
     from mmengine.registry import MODELS
     backbone = MODELS.build(dict(cfg.model.backbone,
                                  init_cfg=dict(cfg.model.backbone.init_cfg, checkpoint=str(path))))
-    records = _Records()
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(records)
-    try:
+    with LogRecords() as records:
         backbone.init_weights()
-    finally:
-        logger.removeHandler(records)
     assert any(f'load backbone. in model from: {path}' in m for m in records.messages)
     assert not any('do not match exactly' in m or 'missing keys' in m for m in records.messages)
     # every tensor of the backbone came from the checkpoint, and nothing else is in it

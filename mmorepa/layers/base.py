@@ -14,7 +14,8 @@ and version counter are checked on every call, so an optimizer step, ``load_stat
 invalidate it). Train mode always regenerates the kernel.
 """
 import contextlib
-from typing import Optional, Tuple
+import logging
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -176,6 +177,60 @@ class ReparamConv2d(nn.Module):
             yield self
         finally:
             self.fold_norm_in_eval = saved
+
+    # -- starting from a plain conv's weights --------------------------------------------------------
+    def seeded_state(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Dict[str, Tensor],
+                                                                             float]:
+        """Values for some of this layer's state-dict entries (the others keep theirs) with which
+        its squeezed kernel is ``weight`` (float64 ``(C_out, C_in // g, k, k)``) and its bias
+        ``bias``; and the relative error of that kernel (0 where the inverse is exact). Layers
+        that cannot start from a plain conv raise ``NotImplementedError``."""
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """A plain conv's ``weight`` (and ``bias``) in place of this layer's own entries (a stock
+        checkpoint, a fused deploy checkpoint) sets the branches so that the squeezed kernel is
+        that weight: the layer then computes what the plain conv computed. Works wherever
+        ``_load_from_state_dict`` is used (``load_state_dict``, mmengine's ``load_checkpoint``,
+        ``init_cfg=Pretrained`` with or without ``prefix``, ``load_from``)."""
+        own = [k for k in self.state_dict() if k != 'bias']
+        if (not self.deploy and self.bn is None and prefix + 'weight' in state_dict
+                and 'weight' not in own and not any(prefix + k in state_dict for k in own)):
+            self._seed_from_plain(state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _seed_from_plain(self, state_dict, prefix, error_msgs):
+        from mmengine.logging import print_log
+        weight, bias = state_dict[prefix + 'weight'], state_dict.get(prefix + 'bias')
+        k = self.kernel_size[0]
+        shape = (self.out_channels, self.in_channels // self.groups, k, k)
+        if tuple(weight.shape) != shape:
+            error_msgs.append(f'size mismatch for {prefix}weight: a plain conv weight of shape '
+                              f'{tuple(weight.shape)} cannot seed {type(self).__name__} {shape}')
+            return
+        if bias is not None and self.bias is None:
+            error_msgs.append(f'{prefix}bias: the checkpoint\'s conv has a bias, '
+                              f'{type(self).__name__} at {prefix[:-1]} has none')
+            return
+        if bias is None and self.bias is not None:
+            bias = torch.zeros(self.out_channels)  # the plain conv had none
+        try:
+            values, err = self.seeded_state(weight.detach().double(),
+                                            None if bias is None else bias.detach().double())
+        except NotImplementedError:
+            return  # not seeded: the usual missing / unexpected key report follows
+        del state_dict[prefix + 'weight']
+        state_dict.pop(prefix + 'bias', None)
+        current = self.state_dict()
+        for name, value in current.items():
+            new = values.get(name, value)
+            state_dict[prefix + name] = new.detach().to(value.dtype).clone()
+        exact = err <= 1e-6
+        print_log(f'{prefix[:-1]} ({type(self).__name__}): seeded from a plain {k}x{k} conv '
+                  f'weight, squeezed kernel {"exact" if exact else "NOT exact"} (relative error '
+                  f'{err:.1e})', logger='current', level=logging.INFO if exact else logging.WARNING)
 
     def switch_to_deploy(self):
         """Fuse in place: keep only ``weight`` and ``bias``, as a plain conv. Idempotent."""

@@ -74,6 +74,27 @@ class _ScaledBranches:
             return weight
         return weight * self.scales[self.branches.index(branch)].reshape(-1, 1, 1, 1)
 
+    def _absorbed(self, branch: str, weight: Tensor, bias: Optional[Tensor]):
+        """:meth:`ReparamConv2d.seeded_state` for a layer whose ``branch`` is a free kernel
+        (``weight_<branch>``): it absorbs the difference between ``weight`` and the squeezed
+        kernel, the other branches keep their own (diverse) values. Exact."""
+        if branch not in self.branches:
+            raise ValueError(f'{type(self).__name__} without a {branch!r} branch (branches '
+                             f'{self.branches}) cannot start from a plain conv weight')
+        name = f'weight_{branch}'
+        scale = torch.ones(()) if self.scales is None else self.scales[
+            self.branches.index(branch)].detach().double()
+        if bool((scale.abs() < 1e-12).any()):
+            raise ValueError(f'the {branch!r} branch of {type(self).__name__} has a zero scale: '
+                             'it cannot absorb a plain conv weight')
+        with torch.no_grad():
+            current = self.squeeze()[0].double()
+            own = getattr(self, name).double()  # a full-size kernel: kxk, or the 1x1 of Rep-1x1
+            values = {name: own + (weight - current) / scale.reshape(-1, 1, 1, 1)}
+        if bias is not None:
+            values['bias'] = bias
+        return values, 0.0
+
     def _build_norm(self, norm_cfg, out_channels):
         if norm_cfg is not None:
             self.bn = build_norm_layer(norm_cfg, out_channels)[1]
@@ -188,6 +209,12 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
         return sum(terms[1:], terms[0]), self.bias
 
 
+    def seeded_state(self, weight, bias):
+        """The kxk branch absorbs what the other branches do not give (Sec. 3.4: every branch
+        keeps its own initialisation, so they stay diverse, Prop. 1 Condition 2)."""
+        return self._absorbed('kxk', weight, bias)
+
+
 class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
     """Rep-1x1 (Sec. 3.5): a 1x1 conv plus a 1x1-1x1 sequence, each scaled, squeezed online.
 
@@ -250,6 +277,11 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
         return sum(terms[1:], terms[0]), self.bias
 
 
+    def seeded_state(self, weight, bias):
+        """The 1x1 branch absorbs the difference; the 1x1-1x1 pair keeps its values."""
+        return self._absorbed('1x1', weight, bias)
+
+
 class OREPALargeConv(ReparamConv2d):
     """The linear deep stem (Sec. 3.5): a ``k x k`` kernel (odd ``k >= 5``) squeezed from
     ``(k - 1) / 2`` stacked 3x3 OREPA generators (``C_in -> C_out -> ... -> C_out``, no norm of
@@ -280,6 +312,24 @@ class OREPALargeConv(ReparamConv2d):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if norm_cfg is not None:
             self.bn = build_norm_layer(norm_cfg, out_channels)[1]
+
+    def seeded_state(self, weight, bias):
+        """``weight`` factored into one kernel per generator (:func:`~mmorepa.kernels.
+        factor_into_3x3`, exact when ``C_out >= 9 C_in``), each generator then seeded with its
+        kernel; channels the factorisation does not use keep the generators' current values."""
+        if self.groups != 1:
+            raise ValueError(f'OREPALargeConv with groups={self.groups} cannot start from a '
+                             'plain conv weight')
+        with torch.no_grad():
+            current = [g.squeeze()[0].double() for g in self.generators]
+        stages, err = K.factor_into_3x3(weight, len(self.generators), self.out_channels, current)
+        values = {}
+        for i, (gen, stage) in enumerate(zip(self.generators, stages)):
+            gen_values, _ = gen.seeded_state(stage, None)
+            values.update({f'generators.{i}.{k}': v for k, v in gen_values.items()})
+        if bias is not None:
+            values['bias'] = bias
+        return values, err
 
     def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
         kernel = None
