@@ -3,6 +3,8 @@ fusion, the stock-backbone deploy config, and atomic writes."""
 import copy
 import os
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -12,14 +14,33 @@ from mmengine.config import Config, ConfigDict
 from mmengine.registry import MODELS, init_default_scope
 
 from .reparameterize import reparameterize, unfused_eval
+from .runtime import ToolError, check_input_file, check_input_shape, check_output_file, read_config
 
 # conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).
 CONV_TYPES = ('OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
               'DiverseBranchBlock')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ToolError, ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words that fit the file (never
+    torch's advice to turn ``weights_only`` off: loading stays safe)."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head != b'PK\x03\x04' and not zipfile.is_zipfile(path) and head[:1] != b'\x80':
+        return 'not a PyTorch checkpoint (neither a zip archive nor a pickle)'
+    text = str(error)
+    if 'Unsupported global' in text:
+        name = text.split('Unsupported global:', 1)[1].split()[1]
+        return (f'it holds an object of type {name}, which mmorepa does not unpickle '
+                '(checkpoints load with weights_only=True)')
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1].split('Check the documentation')[0]
+    detail = ' '.join(text.split())
+    return f'corrupt or truncated ({type(error).__name__}: {detail})'
 
 
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
@@ -27,11 +48,14 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     loaded with ``weights_only=True``; ``module.`` prefixes of DDP checkpoints are removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'checkpoint not found: {path}')
+        raise CheckpointError(f'checkpoint not found: {path}')
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # a pickle that is no checkpoint: said below, in one line
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # corrupt, truncated, or holding objects we refuse to unpickle
-        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
+        raise CheckpointError(f'cannot read checkpoint {path}: {_unreadable_reason(path, e)}') \
+            from None
     if isinstance(data, dict):
         for key in ('state_dict', 'model'):
             if isinstance(data.get(key), dict):
@@ -131,16 +155,41 @@ def _drop_key(node, key):
             _drop_key(v, key)
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc where it can be (setting it to read it back would
+    briefly change it for other threads)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write_fn) -> Path:
     """Write ``path`` through ``write_fn(tmp_path)`` and rename into place: readers never see a
-    partial file, and an interrupted write leaves the old one."""
+    partial file, and an interrupted write leaves the old one. The file gets the permissions the
+    umask gives any new file (``0o666 & ~umask``), not the temporary file's 0600. A failure to
+    write is a :class:`ToolError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=path.suffix, dir=path.parent)
+    if path.is_dir():
+        raise ToolError(f'cannot write {path}: it is a directory')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise ToolError(f'cannot write {path}: {e.strerror or e}') from None
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write_fn(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ToolError(f'cannot write {path}: {e.strerror or e}') from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -179,22 +228,50 @@ def fusion_error(model: nn.Module, fused: nn.Module, input_shape=(2, 3, 128, 128
     return ((a.double() - b).norm() / b.norm()).item()
 
 
+def build_model_of(cfg: Config, source) -> nn.Module:
+    """:func:`build_model`, with a model config that does not build (an unknown type, a bad layer
+    argument) reported as a :class:`ToolError` naming ``source``."""
+    try:
+        return build_model(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ToolError(f'cannot build the model of {source}: {e}') from None
+
+
+def check_model_input(model: nn.Module, input_shape, source) -> None:
+    """Run ``model`` (eval mode, no gradients) once on zeros of ``input_shape`` with batch 1; a
+    shape the model cannot take (channels, too small an image) is a :class:`ToolError`."""
+    n, c, h, w = check_input_shape(input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _features(model, torch.zeros(1, c, h, w))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ToolError(f'--input-shape {n} {c} {h} {w} does not fit the model of {source}: '
+                        f'{first}') from None
+    finally:
+        model.train(was_training)
+
+
 def convert(config, checkpoint, output, input_shape=(2, 3, 128, 128),
             cfg_options: Optional[dict] = None) -> Tuple[Path, Path, float]:
     """Fuse ``checkpoint`` of ``config`` into a stock-backbone checkpoint ``output`` and write the
-    deploy config beside it (``output`` with ``.py``). Returns both paths and the fusion error."""
-    config, checkpoint, output = Path(config), Path(checkpoint), Path(output)
-    if not config.is_file():
-        raise FileNotFoundError(f'config not found: {config}')
-    deploy_cfg_path = output.with_suffix('.py')
-    for out in (output, deploy_cfg_path):
-        for src in (checkpoint, config):
-            if src.exists() and out.resolve() == src.resolve():
-                raise ValueError(f'refusing to overwrite the input {src} with an output')
-    cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    model = build_model(cfg)
+    deploy config beside it (``output`` with ``.py``). Returns both paths and the fusion error.
+    Arguments and both output locations are checked before any work; expected failures are
+    :class:`ToolError` (``CheckpointError`` included) naming the bad value or path."""
+    input_shape = check_input_shape(input_shape)
+    config = check_input_file(config, 'config')
+    checkpoint = check_input_file(checkpoint, 'checkpoint')
+    if Path(output).suffix == '.py':
+        raise ToolError(f'output {output} is where the deploy config (.py) goes: name the fused '
+                        'checkpoint .pth')
+    output = check_output_file(output, (config, checkpoint))
+    deploy_cfg_path = check_output_file(output.with_suffix('.py'), (config, checkpoint),
+                                        'deploy config')
+    cfg = read_config(config, cfg_options)
+    model = build_model_of(cfg, config)
+    check_model_input(model, input_shape, config)
     load_checkpoint_strict(model, checkpoint)
     model.eval()
     fused = reparameterize(model)

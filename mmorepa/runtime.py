@@ -1,10 +1,129 @@
-"""What the tools need around mmengine's Runner that the Runner does not do itself."""
+"""What the tools need around mmengine's Runner that the Runner does not do itself: config loading,
+the launcher on CPU-only machines, mixed precision on the CPU, and checks of arguments and output
+locations that turn expected failures into one line on stderr."""
+import os
 import os.path as osp
-from typing import Optional
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.optim import OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
+
+
+class ToolError(Exception):
+    """An expected failure of a tool (missing or unreadable input, bad argument, unwritable
+    output, bad config): its message names the bad value or path and is all the user sees."""
+
+
+def run_tool(main, argv=None):
+    """Run a tool's ``main(argv)``; an expected failure (:class:`ToolError`, which
+    ``CheckpointError`` is, or ``FileNotFoundError``) ends the process with its message as one
+    line on stderr and exit status 1. Anything else is a bug and keeps its traceback."""
+    # setuptools' notice, raised by mmengine's import of pkg_resources: nothing a user can act on
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
+    try:
+        return main(argv)
+    except (ToolError, FileNotFoundError) as e:
+        name = osp.splitext(osp.basename(sys.argv[0]))[0] or 'mmorepa'
+        message = ' '.join(str(e).splitlines())
+        print(f'{name}: error: {message}', file=sys.stderr)
+        raise SystemExit(1)
+
+
+def check_input_file(path, what: str = 'file') -> Path:
+    """``path`` as a ``Path`` if it is a readable file; else :class:`ToolError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise ToolError(f'{what} not found: {path}')
+    if not path.is_file():
+        raise ToolError(f'{what} {path} is not a file')
+    if not os.access(path, os.R_OK):
+        raise ToolError(f'{what} {path} is not readable')
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (the folder a new path would be made in)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_can_create_in(path: Path, target: Path, what: str) -> None:
+    """``target`` (a new file or folder) can be made from ``path``, its closest existing
+    ancestor: a folder in which we can create files. Tried for real (a temporary file), since
+    permission bits do not tell for root or read-only file systems."""
+    if not path.is_dir():
+        raise ToolError(f'cannot write {what} {target}: {path} is not a directory')
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.mmorepa-probe-', dir=path)
+    except OSError as e:
+        raise ToolError(f'cannot write {what} {target}: {path} is not writable '
+                        f'({e.strerror})') from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path, inputs: Sequence = (), what: str = 'output') -> Path:
+    """Refuse, before any work, an output file that cannot be written: a directory, a path under
+    a file, a folder we may not write in, or one of the tool's ``inputs``."""
+    path = Path(path)
+    if str(path) == '':
+        raise ToolError(f'{what} path is empty')
+    if path.is_dir():
+        raise ToolError(f'{what} {path} is a directory')
+    for src in inputs:
+        src = Path(src)
+        if src.exists() and path.exists() and path.resolve() == src.resolve():
+            raise ToolError(f'refusing to overwrite the input {src} with the {what}')
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ToolError(f'cannot write {what} {path}: it is read-only')
+    _check_can_create_in(_nearest_existing(path.parent), path, what)
+    return path
+
+
+def check_output_dir(path, what: str = 'work dir') -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be made or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ToolError(f'{what} {path} is not a directory')
+    _check_can_create_in(_nearest_existing(path), path, what)
+    return path
+
+
+def check_input_shape(shape) -> tuple:
+    """An input shape ``(N, C, H, W)`` of positive ints, or :class:`ToolError` naming it."""
+    shape = tuple(shape)
+    if len(shape) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                              for v in shape):
+        raise ToolError(f'--input-shape must be four positive ints N C H W, got '
+                        f'{" ".join(str(v) for v in shape)}')
+    return shape
+
+
+def read_config(path, cfg_options: Optional[dict] = None) -> Config:
+    """``Config.fromfile(path)`` with ``--cfg-options`` merged; a missing or broken config file is
+    a :class:`ToolError` naming it."""
+    path = check_input_file(path, 'config')
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as e:  # the user's file: a syntax error, a bad _base_, a missing import
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise ToolError(f'cannot read config {path}: {type(e).__name__}: {first}') from None
+    if cfg_options:
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except Exception as e:
+            raise ToolError(f'cannot apply --cfg-options {cfg_options} to {path}: {e}') from None
+    return cfg
 
 
 def prepare_launch(cfg: Config, launcher: str) -> Config:
@@ -18,7 +137,7 @@ def prepare_launch(cfg: Config, launcher: str) -> Config:
     if launcher == 'none' or torch.cuda.is_available():
         return cfg
     if launcher != 'pytorch':
-        raise SystemExit(f'--launcher {launcher} needs CUDA; on the CPU use --launcher pytorch')
+        raise ToolError(f'--launcher {launcher} needs CUDA; on the CPU use --launcher pytorch')
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')
     wrapper = dict(cfg.get('model_wrapper_cfg') or {})
@@ -31,17 +150,56 @@ def prepare_launch(cfg: Config, launcher: str) -> Config:
 def load_config(path: str, launcher: str = 'none', cfg_options: Optional[dict] = None,
                 work_dir: Optional[str] = None) -> Config:
     """A config as the tools use it: ``--cfg-options`` merged, the work dir set (default
-    ``./work_dirs/<config name>``), the launcher prepared. A missing file is a clear error."""
-    if not osp.isfile(path):
-        raise SystemExit(f'config not found: {path}')
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    ``./work_dirs/<config name>``) and checked, the launcher prepared. A missing or broken file
+    or an unwritable work dir is a :class:`ToolError`."""
+    cfg = read_config(path, cfg_options)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    check_output_dir(cfg.work_dir)
     return prepare_launch(cfg, launcher)
+
+
+@OPTIM_WRAPPERS.register_module()
+class CPUAutocastOptimWrapper(OptimWrapper):
+    """Mixed precision on the CPU: the forward pass runs under ``torch.autocast('cpu',
+    dtype=torch.bfloat16)`` (what autocast allows there); parameters, gradients and the
+    optimizer stay float32. bfloat16 has float32's exponent range, so no loss scaling is needed.
+    OREPA layers compute their kernels in float32 and convolve in bfloat16."""
+
+    def __init__(self, dtype='bfloat16', **kwargs):
+        if dtype not in ('bfloat16', torch.bfloat16):
+            raise ToolError(f'CPU autocast supports dtype bfloat16 only, got {dtype}')
+        super().__init__(**kwargs)
+        self.cast_dtype = torch.bfloat16
+
+    @contextmanager
+    def optim_context(self, model):
+        with super().optim_context(model), torch.autocast('cpu', dtype=self.cast_dtype):
+            yield
+
+
+def amp_optim_wrapper(optim_wrapper: dict, cuda: bool) -> dict:
+    """The ``optim_wrapper`` config for ``--amp``: mmengine's ``AmpOptimWrapper`` on a GPU,
+    :class:`CPUAutocastOptimWrapper` (bfloat16 autocast) on the CPU. Other wrapper types and
+    float16 on the CPU are refused with a :class:`ToolError`."""
+    optim_wrapper = dict(optim_wrapper)
+    kind = optim_wrapper.get('type', 'OptimWrapper')
+    if kind not in ('OptimWrapper', 'AmpOptimWrapper', 'CPUAutocastOptimWrapper'):
+        raise ToolError(f'--amp needs OptimWrapper or AmpOptimWrapper, got {kind}')
+    if cuda:
+        optim_wrapper['type'] = 'AmpOptimWrapper'
+        optim_wrapper.setdefault('loss_scale', 'dynamic')
+        return optim_wrapper
+    dtype = optim_wrapper.pop('dtype', None)
+    if dtype not in (None, 'bfloat16'):
+        raise ToolError(f'mixed precision on the CPU runs in bfloat16; optim_wrapper.dtype={dtype} '
+                        'needs a GPU')
+    optim_wrapper.pop('loss_scale', None)
+    optim_wrapper.pop('use_fsdp', None)
+    optim_wrapper['type'] = 'CPUAutocastOptimWrapper'
+    return optim_wrapper
 
 
 def build_runner(cfg: Config):

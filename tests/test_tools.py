@@ -54,10 +54,13 @@ def test_test_deploy_flag_gives_the_same_metrics(demo, tmp_path):
     opts = ['--cfg-options', f'test_dataloader.dataset.data_root={data}/cls']
     plain = tmp_path / 'plain.json'
     fused = tmp_path / 'fused.json'
-    _run(['tools/test.py', CLS_CFG, ckpt, '--work-dir', tmp_path / 'a', '--out', plain] + opts)
+    _run(['tools/test.py', CLS_CFG, ckpt, '--work-dir', tmp_path / 'a', '--out', plain] + opts,
+         preexec_fn=lambda: os.umask(0o022))
     _run(['tools/test.py', CLS_CFG, ckpt, '--deploy', '--work-dir', tmp_path / 'b', '--out',
-          fused] + opts)
+          fused] + opts, preexec_fn=lambda: os.umask(0o022))
     assert json.loads(plain.read_text()) == json.loads(fused.read_text())
+    # readable by a serving process of another user: the umask's 0644, not a temporary 0600
+    assert plain.stat().st_mode & 0o777 == fused.stat().st_mode & 0o777 == 0o644
 
 
 def test_deploy_convert_refusals(demo, tmp_path):
@@ -66,20 +69,25 @@ def test_deploy_convert_refusals(demo, tmp_path):
     before = ckpt.read_bytes()
     proc = _run(['tools/deploy_convert.py', CLS_CFG, ckpt, ckpt], check=False)
     assert proc.returncode and 'refusing to overwrite' in proc.stderr
+    assert 'Traceback' not in proc.stderr
     assert ckpt.read_bytes() == before
     # a detector checkpoint for the classifier config: the first bad key is named (the backbone,
     # the same OREPA-ResNet-18 in both, fits key for key: the detector's neck does not)
     det_ckpt = (work / 'detection' / 'train' / 'last_checkpoint').read_text().strip()
     proc = _run(['tools/deploy_convert.py', CLS_CFG, det_ckpt, tmp_path / 'x.pth'], check=False)
     assert proc.returncode and "unexpected key 'neck.lateral_convs.0.conv.weight'" in proc.stderr
+    assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'x.pth').exists()
     proc = _run(['tools/deploy_convert.py', CLS_CFG, tmp_path / 'none.pth', tmp_path / 'x.pth'],
                 check=False)
     assert proc.returncode and 'checkpoint not found' in proc.stderr
+    assert 'Traceback' not in proc.stderr
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(before[:len(before) // 2])
     proc = _run(['tools/deploy_convert.py', CLS_CFG, truncated, tmp_path / 'x.pth'], check=False)
-    assert proc.returncode and 'cannot read checkpoint' in proc.stderr
+    assert proc.returncode and f'cannot read checkpoint {truncated}' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert 'weights_only' not in proc.stderr.replace('weights_only=True', '')
 
 
 def _tiny_cls_config(tmp_path, data):
@@ -153,6 +161,7 @@ def test_export_onnx_matches_onnxruntime(demo, tmp_path, task, config):
     ckpt = (work / task / 'train' / 'last_checkpoint').read_text().strip()
     out = tmp_path / 'model.onnx'
     proc = _run(['tools/export_onnx.py', config, ckpt, out, '--input-shape', '1', '3', '64', '64'])
+    assert 'onnxruntime at 1x3x64x64, 2x3x96x96' in proc.stdout  # dynamic batch and image size
     err = float(proc.stdout.split('relative error:')[1].split()[0])
     assert out.stat().st_size > 10000 and err <= 1e-5
     import onnx

@@ -5,27 +5,26 @@
 DST loads with ``strict=True`` into an mmpretrain ``ImageClassifier`` with ``OREPAResNet``
 (GlobalAveragePooling neck, LinearClsHead); the matching model config is printed. The backbone
 part (``backbone.*``) serves as ``init_cfg=dict(type='Pretrained', prefix='backbone.', ...)`` for
-detection and segmentation. Never overwrites SRC; DST is written atomically.
+detection and segmentation. Never overwrites SRC; DST is written atomically, with the permissions
+the umask gives. An expected failure is one line on stderr and exit status 1.
 """
 import argparse
 import os.path as osp
 import sys
-from pathlib import Path
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
-from mmorepa.deploy import (CheckpointError, atomic_write, check_state_dict_fits,  # noqa: E402
-                            read_state_dict)
+from mmorepa.deploy import atomic_write, check_state_dict_fits, read_state_dict  # noqa: E402
 from mmorepa.official import convert_state_dict, model_cfg  # noqa: E402
+from mmorepa.runtime import check_input_file, check_output_file, run_tool  # noqa: E402
 
 
 def convert(src, dst):
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f'refusing to overwrite the input {src}')
+    src = check_input_file(src, 'checkpoint')
+    dst = check_output_file(dst, (src, ))
     state_dict, arch = convert_state_dict(read_state_dict(src))
     cfg = model_cfg(arch)
     init_default_scope('mmpretrain')
@@ -43,14 +42,11 @@ def main(argv=None):
     parser.add_argument('src', help='checkpoint of the official code')
     parser.add_argument('dst', help='converted checkpoint to write')
     args = parser.parse_args(argv)
-    try:
-        dst, cfg = convert(args.src, args.dst)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        raise SystemExit(f'convert_official_checkpoint: {e}')
+    dst, cfg = convert(args.src, args.dst)
     print(f'wrote {dst}')
     print(f'model = {cfg}')
     return dst, cfg
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

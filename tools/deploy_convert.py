@@ -4,7 +4,9 @@
 
 Writes OUTPUT (the fused checkpoint) and OUTPUT with ``.py`` (the deploy config: stock backbone,
 no mmorepa needed to run it), checks fused against un-fused on a random input and prints the
-relative error. Never overwrites its inputs; both outputs are written atomically.
+relative error. Arguments and output locations are checked before any work; an expected failure
+is one line on stderr and exit status 1. Never overwrites its inputs; both outputs are written
+atomically, with the permissions the umask gives.
 """
 import argparse
 import os.path as osp
@@ -14,7 +16,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from mmorepa.deploy import CheckpointError, convert  # noqa: E402
+from mmorepa.deploy import convert  # noqa: E402
+from mmorepa.runtime import run_tool  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,11 +34,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        out, cfg_path, err = convert(args.config, args.checkpoint, args.output,
-                                     tuple(args.input_shape), args.cfg_options)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        raise SystemExit(f'deploy_convert: {e}')
+    out, cfg_path, err = convert(args.config, args.checkpoint, args.output,
+                                 tuple(args.input_shape), args.cfg_options)
     print(f'fused checkpoint: {out}')
     print(f'deploy config:    {cfg_path}')
     print(f'fused vs un-fused relative error: {err:.3e}')
@@ -43,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

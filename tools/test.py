@@ -4,13 +4,15 @@
                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
 ``--deploy`` fuses every re-parameterized block (a plain, fast model) after loading and before
-testing; the checkpoint file is not touched.
+testing; the checkpoint file is not touched. Arguments, the work dir and ``--out`` are checked
+before any work; an expected failure is one line on stderr and exit status 1.
 """
 import argparse
 import json
 import os
 import os.path as osp
 import sys
+from pathlib import Path
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -40,13 +42,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not osp.isfile(args.checkpoint):
-        raise SystemExit(f'checkpoint not found: {args.checkpoint}')
-    cfg = mmorepa.runtime.load_config(args.config, args.launcher, args.cfg_options,
-                                      args.work_dir)
+    runtime = mmorepa.runtime
+    runtime.check_input_file(args.checkpoint, 'checkpoint')
+    if args.out:
+        runtime.check_output_file(args.out, (args.config, args.checkpoint), '--out file')
+    cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = None
     cfg.resume = False
-    runner = mmorepa.runtime.build_runner(cfg)
+    runner = runtime.build_runner(cfg)
     model = runner.model.module if hasattr(runner.model, 'module') else runner.model
     mmorepa.deploy.load_checkpoint_strict(model, args.checkpoint)
     if args.deploy:
@@ -55,9 +58,9 @@ def main(argv=None):
     metrics = runner.test()
     if args.out:
         metrics = {k: float(v) for k, v in metrics.items()}
-        mmorepa.deploy.atomic_write(args.out, lambda p: open(p, 'w').write(json.dumps(metrics)))
+        mmorepa.deploy.atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(metrics)))
     return metrics
 
 
 if __name__ == '__main__':
-    main()
+    mmorepa.runtime.run_tool(main)

@@ -2,6 +2,11 @@
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
                           [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
+
+``--amp`` trains in mixed precision: mmengine's ``AmpOptimWrapper`` on a GPU, bfloat16 autocast
+(``mmorepa.runtime.CPUAutocastOptimWrapper``) on the CPU; OREPA kernels are computed in float32
+either way. Arguments and the work dir are checked first; an expected failure is one line on
+stderr and exit status 1.
 """
 import argparse
 import os
@@ -10,6 +15,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 import mmorepa  # noqa: E402  (registers OREPA layers and backbones)
@@ -22,7 +28,9 @@ def parse_args(argv=None):
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from CKPT, or from the latest checkpoint of the work dir '
                         'when no CKPT is given')
-    parser.add_argument('--amp', action='store_true', help='mixed-precision training')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: mmengine\'s AmpOptimWrapper on a GPU, bfloat16 '
+                        'autocast on the CPU')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -35,14 +43,16 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args) -> Config:
-    cfg = mmorepa.runtime.load_config(args.config, args.launcher, args.cfg_options,
-                                      args.work_dir)
-    if args.amp:
-        optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if optim_wrapper not in ('OptimWrapper', 'AmpOptimWrapper'):
-            raise SystemExit(f'--amp needs OptimWrapper or AmpOptimWrapper, got {optim_wrapper}')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    runtime = mmorepa.runtime
+    if args.resume not in (None, 'auto'):
+        runtime.check_input_file(args.resume, 'checkpoint to resume from')
+    cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
+    cuda = torch.cuda.is_available()
+    if args.amp and cfg.get('optim_wrapper') is None:
+        raise mmorepa.runtime.ToolError(f'--amp: {args.config} has no optim_wrapper')
+    asks_amp = cfg.get('optim_wrapper', {}).get('type') == 'AmpOptimWrapper'
+    if args.amp or (asks_amp and not cuda):
+        cfg.optim_wrapper = runtime.amp_optim_wrapper(cfg.optim_wrapper, cuda)
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -60,4 +70,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    mmorepa.runtime.run_tool(main)
