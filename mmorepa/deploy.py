@@ -130,9 +130,11 @@ def deploy_config(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
     init_default_scope(cfg.get('default_scope', None))
     for key in list(cfg.keys()):
-        value = cfg[key]
-        cfg[key] = _deploy_model_cfg(value.to_dict() if hasattr(value, 'to_dict') else value)
-    _drop_key(cfg.model, 'init_cfg')
+        value = cfg[key].to_dict() if hasattr(cfg[key], 'to_dict') else cfg[key]
+        converted = _deploy_model_cfg(value)
+        if key == 'model' or converted != value:  # a network: its weights are in the checkpoint
+            _drop_key(converted, 'init_cfg')
+        cfg[key] = converted
     imports = cfg.get('custom_imports')
     if imports:
         kept = [m for m in imports.get('imports', []) if m != 'mmorepa'

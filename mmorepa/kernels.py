@@ -186,9 +186,9 @@ def factor_into_3x3(kernel: Tensor, num_stages: int, width: int,
     Returns ``(stages, relative error of their composition against kernel)``.
     """
     c_out, c_in, k, _ = kernel.shape
-    if k != 2 * num_stages + 1 or num_stages < 1:
+    if k != 2 * num_stages + 1 or num_stages < 2:
         raise ValueError(f'a {k}x{k} kernel does not factor into {num_stages} stacked 3x3 kernels')
-    s = max(num_stages - 1, 1)
+    s = num_stages - 1
     # the stage shift i and last-stage tap r that reach each offset p: i = min(p // s, 2), r = p - s i
     route = [(min(p // s, 2), p - s * min(p // s, 2)) for p in range(k)]
     offsets = [[p for p, (i, r) in enumerate(route) if i == shift and r <= 2] for shift in range(3)]
@@ -199,15 +199,10 @@ def factor_into_3x3(kernel: Tensor, num_stages: int, width: int,
     chosen = sorted(energy, key=lambda n: -energy[n])[:width]
     dtype, device = kernel.dtype, kernel.device
     shapes = [(width, c_in)] + [(width, width)] * (num_stages - 2) + [(c_out, width)]
-    if num_stages == 1:
-        shapes = [(c_out, c_in)]
     stages = []
     for idx, (o, i_) in enumerate(shapes):
         base = fill[idx].to(dtype) if fill is not None else torch.zeros(o, i_, 3, 3, dtype=dtype)
         stages.append(base.detach().clone().to(device))
-    if num_stages == 1:
-        stages[0] = kernel.clone()
-        return stages, 0.0
     used = len(chosen)
     # first stage: channel n = (c, i, j) is input c shifted by (i, j); rows >= used keep fill
     stages[0][:used] = 0
@@ -217,7 +212,6 @@ def factor_into_3x3(kernel: Tensor, num_stages: int, width: int,
     # < used are read by nothing that reaches the output
     for st in stages[1:-1]:
         st[:used] = 0
-        st[:, used:][:used] = 0
         for n, (c, i, j) in enumerate(chosen):
             st[n, n, i, j] = 1
     # last stage: the taps of kernel, routed; no column for the unused channels

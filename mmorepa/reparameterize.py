@@ -42,36 +42,41 @@ def _switch_outermost(module: nn.Module):
         _switch_outermost(child)
 
 
-def fuse_convs_(module: nn.Module) -> int:
+def fuse_convs_(module: nn.Module, prefix: str = '') -> int:
     """Replace, in place, every re-parameterizable conv below ``module`` by its plain
     ``nn.Conv2d``; returns how many were replaced.
 
     A layer that stands in for a bias-free conv but fuses to one with a bias (DBB: its branch
-    norms leave a bias) has the bias folded into the BatchNorm registered right after it
+    norms leave a bias) has the bias folded into the BatchNorm that follows it
     (``BN(W x + b) == BN'(W x)`` with ``running_mean - b``), so the fused module has the keys of
-    the stock network. If no such norm follows, a ``ValueError`` names the layer.
+    the stock network. That norm is the one registered right after the conv (the layout of every
+    ResNet / ResNeXt / RepVGG block and of a conv-first ``ConvModule``); where there is none, a
+    ``ValueError`` names the layer.
     """
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, ReparamConv2d):
             conv = child.to_conv2d()
             if conv.bias is not None and not child.expects_bias and child.bn is None:
-                _fold_bias_into_next_norm(module, name, conv)
+                _fold_bias_into_next_norm(module, name, conv, f'{prefix}{name}')
             setattr(module, name, conv)
             count += 1
         else:
-            count += fuse_convs_(child)
+            count += fuse_convs_(child, f'{prefix}{name}.')
     return count
 
 
-def _fold_bias_into_next_norm(parent: nn.Module, name: str, conv: nn.Conv2d):
+def _fold_bias_into_next_norm(parent: nn.Module, name: str, conv: nn.Conv2d, path: str):
     names = list(parent._modules)
     following = parent._modules[names[names.index(name) + 1]] if name != names[-1] else None
-    if not (isinstance(following, _BatchNorm) and following.num_features == conv.out_channels
+    order = getattr(parent, 'order', None)  # mmcv's ConvModule: 'norm' may run before 'conv'
+    norm_after = not isinstance(order, tuple) or (
+        'norm' in order and order.index('norm') > order.index('conv'))
+    if not (norm_after and isinstance(following, _BatchNorm)
+            and following.num_features == conv.out_channels
             and following.running_mean is not None):
-        raise ValueError(
-            f'{type(parent).__name__}.{name} fuses to a conv with a bias, but its host built it '
-            'without one and no BatchNorm with running statistics follows it to take the bias')
+        raise ValueError(f'{path} fuses to a conv with a bias, but its host built it without one '
+                         'and no BatchNorm with running statistics follows it to take the bias')
     with torch.no_grad():
         following.running_mean.sub_(conv.bias.to(following.running_mean.dtype))
     conv.bias = None

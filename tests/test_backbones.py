@@ -228,6 +228,43 @@ def test_bad_backbone_arguments():
         OREPAResNet.stock_cfg(dict(type='OREPAResNet', depth=18, stage_blocks=(1, 1, 1, 1)))
     with pytest.raises(ValueError, match="reparam 'none'"):
         OREPAVGG('A0', reparam='none')
+    with pytest.raises(ValueError, match=r'stage_blocks=\(1, 1\) is for ResNets'):
+        OREPAVGG('A0', stage_blocks=(1, 1))
+
+
+def test_conv_cfg_and_reparam_layers_already_built_are_left_alone():
+    _scope('mmdet')
+    with pytest.raises(ValueError, match="conv_cfg=.*'DBB'.*reparam='orepa'"):
+        OREPAResNet(18, conv_cfg=dict(type='DBB'))
+    # reparam='none' with a conv_cfg: the stock ResNet with that conv_cfg, nothing swapped inside
+    model = OREPAResNet(18, reparam='none', conv_cfg=dict(type='DBB'), **SMALL)
+    dbb = model.layer1[0].conv1
+    assert isinstance(dbb, DiverseBranchBlock) and type(dbb.branch_kxk.conv) is nn.Conv2d
+    with pytest.raises(ValueError, match=r'cannot re-parameterize 0 .*kernel_size 1, 3 or odd'):
+        from mmorepa.models.backbones.reparam_backbone import swap_convs_
+        swap_convs_(nn.Sequential(nn.Conv2d(3, 4, 4)), dict(type='OREPA'), '')
+
+
+def test_generated_classes_pickle_across_processes(tmp_path):
+    import subprocess
+    import sys
+    _scope('mmdet')
+    model = OREPAResNet(18, **SMALL)
+    torch.save(model, tmp_path / 'model.pth')
+    proc = subprocess.run([sys.executable, '-c', (
+        'import torch, mmorepa; m = torch.load({!r}, weights_only=False); '
+        'print(type(m).__name__, type(m).__mro__[2].__module__)').format(
+            str(tmp_path / 'model.pth'))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ['OREPAResNet', 'mmdet.models.backbones.resnet']
+
+
+def test_official_import_configs_deploy(tmp_path):
+    from mmorepa.official import model_cfg
+    _scope('mmpretrain')
+    cfg = model_cfg(dict(bottleneck=True, stage_blocks=(3, 4, 6, 3), stem_channels=64,
+                         base_channels=64, num_classes=10, feat_dim=2048))
+    assert OREPAResNet.stock_cfg(cfg['backbone'])['type'] == 'ResNet'
 
 
 def test_stage_blocks_builds_those_blocks():

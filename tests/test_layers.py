@@ -167,6 +167,20 @@ def test_repvgg_blocks_fuse(orepa, stride, cin, cout):
     assert rel_err(out, ref) <= 1e-5
 
 
+def test_dbb_bias_fold_refuses_a_norm_that_runs_before_the_conv():
+    from mmcv.cnn import ConvModule
+    post = ConvModule(8, 8, 3, padding=1, conv_cfg=dict(type='DBB'), norm_cfg=BN)
+    randomize_(post).eval()
+    x = _input(8)
+    with torch.no_grad():
+        assert rel_err(mmorepa.reparameterize(post)(x), post(x)) <= 1e-5
+    pre = ConvModule(8, 8, 3, padding=1, conv_cfg=dict(type='DBB'), norm_cfg=BN,
+                     order=('norm', 'conv', 'act'))
+    with pytest.raises(ValueError, match='^conv fuses to a conv with a bias'):
+        mmorepa.reparameterize(nn.Sequential(pre).eval()[0])
+    assert type(OREPA(4, 8, 3, padding=1, norm_cfg=BN, deploy=True).bias) is nn.Parameter
+
+
 def test_reparameterize_syncbn_model():
     torch.manual_seed(6)
     model = nn.Sequential(OREPAConv2d(4, 8, 3, norm_cfg=dict(type='SyncBN')), nn.ReLU(),

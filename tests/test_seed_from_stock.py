@@ -215,6 +215,33 @@ def test_layer_squeezes_to_the_loaded_plain_weight(make):
         assert rel_err(_eval(layer.float())(x), conv(x)) <= 1e-5
 
 
+@pytest.mark.parametrize('make', [lambda: OREPAConv2d(4, 8, 3, stride=2, groups=2),
+                                  lambda: OREPAConv2d(6, 6, 5, dilation=2, scaling='scalar')])
+def test_seeded_layer_equals_the_plain_conv_branch_by_branch(make):
+    """Independent of the squeeze: the branches computed one by one on feature maps (float64)."""
+    from helpers import orepa_explicit
+    torch.manual_seed(7)
+    layer = randomize_(make())
+    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                     layer.padding, layer.dilation, layer.groups, bias=False)
+    layer.load_state_dict(conv.state_dict())
+    x = torch.randn(2, layer.in_channels, 13, 13, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(orepa_explicit(layer.double(), x), conv.double()(x)) <= 1e-5
+
+
+def test_layers_that_cannot_be_seeded_report_it_and_do_not_stop_the_load():
+    from mmengine.runner.checkpoint import load_state_dict
+    model = nn.Sequential(OREPAConv2d(4, 8, 3, branches=('1x1', '1x1_kxk')), nn.Conv2d(8, 8, 1))
+    plain = nn.Sequential(nn.Conv2d(4, 8, 3, bias=False), nn.Conv2d(8, 8, 1))
+    with pytest.raises(RuntimeError, match="without a 'kxk' branch"):
+        model.load_state_dict(plain.state_dict())
+    with LogRecords() as log:
+        load_state_dict(model, plain.state_dict(), strict=False, logger='current')
+    assert "without a 'kxk' branch" in log.text()
+    assert torch.equal(model[1].weight, plain[1].weight)  # the rest still loaded
+
+
 def test_other_models_checkpoints_are_never_half_loaded_silently(tmp_path):
     registry = _scope('mmpretrain')
     r50 = _save(registry.build(dict(type='ResNet', depth=50)), tmp_path / 'r50.pth')

@@ -71,7 +71,8 @@ def check_backbone_loaded(log: str, checkpoint: str, name: str) -> str:
     import torch
     keys = [k for k in torch.load(ROOT / checkpoint, map_location='cpu', weights_only=True)[
         'state_dict'] if k.startswith('backbone.')]
-    return f'backbone <- {checkpoint}: all {len(keys)} tensors, no missing or unexpected key'
+    return (f'backbone <- {checkpoint} ({len(keys)} backbone tensors): mmengine reports no '
+            'missing or unexpected key')
 
 
 def run_task(task, work_dir: Path, data_root: str, quick: bool, backbone_ckpt=None):

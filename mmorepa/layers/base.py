@@ -196,41 +196,46 @@ class ReparamConv2d(nn.Module):
         ``init_cfg=Pretrained`` with or without ``prefix``, ``load_from``)."""
         own = [k for k in self.state_dict() if k != 'bias']
         if (not self.deploy and self.bn is None and prefix + 'weight' in state_dict
-                and 'weight' not in own and not any(prefix + k in state_dict for k in own)):
+                and not any(prefix + k in state_dict for k in own)):
             self._seed_from_plain(state_dict, prefix, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def _seed_from_plain(self, state_dict, prefix, error_msgs):
         from mmengine.logging import print_log
+        name = f'{prefix[:-1] or "layer"} ({type(self).__name__})'
         weight, bias = state_dict[prefix + 'weight'], state_dict.get(prefix + 'bias')
         k = self.kernel_size[0]
         shape = (self.out_channels, self.in_channels // self.groups, k, k)
         if tuple(weight.shape) != shape:
             error_msgs.append(f'size mismatch for {prefix}weight: a plain conv weight of shape '
-                              f'{tuple(weight.shape)} cannot seed {type(self).__name__} {shape}')
+                              f'{tuple(weight.shape)} cannot seed {name} {shape}')
             return
         if bias is not None and self.bias is None:
-            error_msgs.append(f'{prefix}bias: the checkpoint\'s conv has a bias, '
-                              f'{type(self).__name__} at {prefix[:-1]} has none')
+            error_msgs.append(f'{prefix}bias: the checkpoint\'s conv has a bias, {name} has none')
             return
-        if bias is None and self.bias is not None:
-            bias = torch.zeros(self.out_channels)  # the plain conv had none
+        # the checkpoint may sit on another device than the model (mmengine loads it on the CPU)
+        device = next(self.parameters()).device
+        weight = weight.detach().to(device, torch.float64)
+        bias = (torch.zeros(self.out_channels, dtype=torch.float64, device=device)
+                if bias is None and self.bias is not None
+                else None if bias is None else bias.detach().to(device, torch.float64))
         try:
-            values, err = self.seeded_state(weight.detach().double(),
-                                            None if bias is None else bias.detach().double())
+            values, err = self.seeded_state(weight, bias)
         except NotImplementedError:
             return  # not seeded: the usual missing / unexpected key report follows
+        except ValueError as e:
+            error_msgs.append(f'{name} cannot start from the plain conv weight {prefix}weight: {e}')
+            return
         del state_dict[prefix + 'weight']
         state_dict.pop(prefix + 'bias', None)
-        current = self.state_dict()
-        for name, value in current.items():
-            new = values.get(name, value)
-            state_dict[prefix + name] = new.detach().to(value.dtype).clone()
+        for key, value in self.state_dict().items():
+            state_dict[prefix + key] = values.get(key, value).detach().to(
+                device=value.device, dtype=value.dtype).clone()
         exact = err <= 1e-6
-        print_log(f'{prefix[:-1]} ({type(self).__name__}): seeded from a plain {k}x{k} conv '
-                  f'weight, squeezed kernel {"exact" if exact else "NOT exact"} (relative error '
-                  f'{err:.1e})', logger='current', level=logging.INFO if exact else logging.WARNING)
+        print_log(f'{name}: seeded from a plain {k}x{k} conv weight, squeezed kernel '
+                  f'{"exact" if exact else "NOT exact"} (relative error {err:.1e} in float64)',
+                  logger='current', level=logging.INFO if exact else logging.WARNING)
 
     def switch_to_deploy(self):
         """Fuse in place: keep only ``weight`` and ``bias``, as a plain conv. Idempotent."""

@@ -315,8 +315,9 @@ class OREPALargeConv(ReparamConv2d):
 
     def seeded_state(self, weight, bias):
         """``weight`` factored into one kernel per generator (:func:`~mmorepa.kernels.
-        factor_into_3x3`, exact when ``C_out >= 9 C_in``), each generator then seeded with its
-        kernel; channels the factorisation does not use keep the generators' current values."""
+        factor_into_3x3`, exact when ``C_out >= 9 C_in`` and ``k <= 9``), each generator then
+        seeded with its kernel; channels the factorisation does not use keep the generators'
+        current values."""
         if self.groups != 1:
             raise ValueError(f'OREPALargeConv with groups={self.groups} cannot start from a '
                              'plain conv weight')
@@ -359,8 +360,9 @@ def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
     _check_choice(scaling, SCALINGS, 'scaling')
     common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
     plain = (k == 1 and not rep_1x1) or (k >= 5 and not linear_deep_stem)
-    if plain or deploy:
-        return _plain_conv(in_channels, out_channels, k, **common)
+    if plain or deploy:  # deployed: a layer's own norm leaves a bias
+        return _plain_conv(in_channels, out_channels, k,
+                           **dict(common, bias=bias or (deploy and norm_cfg is not None)))
     if k == 1:
         return OREPAConv1x1(in_channels, out_channels, 1, branches=rep1x1_branches,
                             scaling=scaling, norm_cfg=norm_cfg, **common)

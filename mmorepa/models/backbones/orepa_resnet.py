@@ -76,6 +76,11 @@ def OREPAResNet(depth: int, reparam: str = 'orepa', orepa_cfg: Optional[dict] = 
                          f'{sorted(stock.arch_settings)}')
     bottleneck = stock.arch_settings[depth][0].__name__ == 'Bottleneck'
     conv_cfg = resnet_conv_cfg(reparam, orepa_cfg, bottleneck)
+    if conv_cfg is not None and kwargs.get('conv_cfg') is not None:
+        raise ValueError(f"conv_cfg={kwargs['conv_cfg']!r} and reparam={reparam!r} both choose "
+                         "the convs: use reparam='none' with a conv_cfg")
+    if tuple(kwargs.get('stage_blocks') or ()) == tuple(stock.arch_settings[depth][1]):
+        kwargs.pop('stage_blocks')  # the depth's own: the stock network
     return reparam_class(stock)(depth=depth, reparam_conv_cfg=conv_cfg, deploy=deploy, **kwargs)
 
 
@@ -83,7 +88,9 @@ def resnet_stock_cfg(cfg: dict) -> dict:
     """The config of the toolbox's own ``ResNet`` / ``ResNeXt`` that a fused ``cfg`` model is
     (the toolbox is the current default scope: mmpretrain, mmdet or mmseg)."""
     cfg = copy.deepcopy(dict(cfg))
-    if cfg.get('stage_blocks') is not None:
+    stock = stock_class(_stock_name(cfg))
+    own = stock.arch_settings.get(cfg.get('depth'), (None, ()))[1]
+    if cfg.get('stage_blocks') is not None and tuple(cfg['stage_blocks']) != tuple(own):
         raise ValueError(f'stage_blocks={cfg["stage_blocks"]!r} has no stock ResNet counterpart; '
                          'build the fused model with deploy=True instead')
     out = {k: v for k, v in cfg.items() if k not in _OURS}

@@ -17,6 +17,7 @@ import torch.nn as nn
 from mmcv.cnn import build_conv_layer
 from mmengine.registry import DefaultScope
 
+from ...layers.base import ReparamConv2d
 from ...reparameterize import fuse_convs_
 
 _CLASSES: Dict[type, type] = {}
@@ -32,8 +33,8 @@ def swap_convs_(module: nn.Module, conv_cfg: dict, prefix: str = '') -> List[str
 
     A conv the factory keeps plain (e.g. ``OREPA`` with ``rep_1x1=False`` for a 1x1) stays as it
     was. The new layer takes the old conv's training mode, device, dtype and ``requires_grad``
-    (frozen stages stay frozen). Modules that own a ``weight`` (deformable convs, norms) are not
-    entered: their inner convs are part of them.
+    (frozen stages stay frozen). Modules that own a ``weight`` (deformable convs, norms) and
+    re-parameterizable layers already there are not entered: their inner convs are part of them.
     """
     swapped = []
     for name, child in list(module.named_children()):
@@ -44,10 +45,13 @@ def swap_convs_(module: nn.Module, conv_cfg: dict, prefix: str = '') -> List[str
                                  f'{child.padding_mode!r} (only zero padding squeezes exactly)')
             if isinstance(child.padding, str):
                 raise ValueError(f'cannot re-parameterize {full}: padding={child.padding!r}')
-            new = build_conv_layer(conv_cfg, child.in_channels, child.out_channels,
-                                   child.kernel_size, stride=child.stride,
-                                   padding=child.padding, dilation=child.dilation,
-                                   groups=child.groups, bias=child.bias is not None)
+            try:
+                new = build_conv_layer(conv_cfg, child.in_channels, child.out_channels,
+                                       child.kernel_size, stride=child.stride,
+                                       padding=child.padding, dilation=child.dilation,
+                                       groups=child.groups, bias=child.bias is not None)
+            except ValueError as e:
+                raise ValueError(f'cannot re-parameterize {full} ({child}): {e}') from None
             if type(new) is nn.Conv2d:
                 continue
             new.to(device=child.weight.device, dtype=child.weight.dtype)
@@ -55,7 +59,7 @@ def swap_convs_(module: nn.Module, conv_cfg: dict, prefix: str = '') -> List[str
             new.requires_grad_(child.weight.requires_grad)
             setattr(module, name, new)
             swapped.append(full)
-        elif not _owns_weight(child):
+        elif not (_owns_weight(child) or isinstance(child, ReparamConv2d)):
             swapped += swap_convs_(child, conv_cfg, f'{full}.')
     return swapped
 
@@ -74,10 +78,10 @@ class ReparamBackboneMixin:
     def __init__(self, *args, reparam_conv_cfg: Optional[dict] = None,
                  stage_blocks: Optional[Sequence[int]] = None, deploy: bool = False, **kwargs):
         if stage_blocks is not None:
-            depth = kwargs.get('depth', args[0] if args else None)
-            if depth not in self.arch_settings:
-                raise ValueError(f'invalid depth {depth!r}; expected one of '
-                                 f'{sorted(self.arch_settings)}')
+            depth = kwargs.get('depth')
+            if depth not in getattr(self, 'arch_settings', {}) or not isinstance(depth, int):
+                raise ValueError(f'stage_blocks={stage_blocks!r} is for ResNets built with a '
+                                 f'depth; {type(self).__name__} got depth={depth!r}')
             if (not isinstance(stage_blocks, (list, tuple))
                     or not all(isinstance(n, int) and n >= 1 for n in stage_blocks)):
                 raise ValueError(f'stage_blocks must be positive ints, got {stage_blocks!r}')
@@ -102,12 +106,24 @@ class ReparamBackboneMixin:
 
 
 def reparam_class(stock: type) -> type:
-    """The subclass of ``stock`` with :class:`ReparamBackboneMixin` (one per stock class)."""
+    """The subclass of ``stock`` with :class:`ReparamBackboneMixin` (one per stock class), named
+    ``OREPA<stock>`` and reachable as ``OREPA_<toolbox>_<stock>`` in this module (pickling)."""
     if stock not in _CLASSES:
-        _CLASSES[stock] = type(f'OREPA{stock.__name__}', (ReparamBackboneMixin, stock), dict(
-            __module__=__name__, __doc__=f'``{stock.__module__}.{stock.__name__}`` with OREPA '
-            'layers swapped in for its plain convs (see :class:`ReparamBackboneMixin`).'))
+        toolbox = stock.__module__.split('.')[0]
+        cls = type(f'OREPA{stock.__name__}', (ReparamBackboneMixin, stock), dict(
+            __module__=__name__, __qualname__=f'OREPA_{toolbox}_{stock.__name__}',
+            __doc__=f'``{stock.__module__}.{stock.__name__}`` with OREPA layers swapped in for '
+            'its plain convs (see :class:`ReparamBackboneMixin`).'))
+        _CLASSES[stock] = cls
     return _CLASSES[stock]
+
+
+def __getattr__(name: str):
+    """``OREPA_<toolbox>_<stock>``: the class :func:`reparam_class` makes (for unpickling)."""
+    parts = name.split('_', 2)
+    if len(parts) == 3 and parts[0] == 'OREPA' and parts[1] in ('mmpretrain', 'mmdet', 'mmseg'):
+        return reparam_class(stock_class(parts[2], parts[1]))
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def current_toolbox() -> str:
