@@ -89,13 +89,18 @@ def test_stock_checkpoint_seeds_orepa_resnet_exactly(toolbox, depth, tmp_path):
     _two_steps_move_every_parameter(model, x)
 
 
-def test_classifier_checkpoint_seeds_a_detector_backbone_with_prefix(tmp_path):
-    torch.manual_seed(2)
-    registry = _scope('mmpretrain')
-    classifier = randomize_network_(registry.build(dict(
+def _stock_classifier(seed):
+    """An mmpretrain ImageClassifier with a stock ResNet-50 (random weights, BN statistics): a
+    stand-in for mmpretrain's resnet50_8xb32_in1k."""
+    torch.manual_seed(seed)
+    return randomize_network_(_scope('mmpretrain').build(dict(
         type='ImageClassifier', backbone=dict(type='ResNet', depth=50),
         neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=10, in_channels=2048))))
+        head=dict(type='LinearClsHead', num_classes=1000, in_channels=2048))))
+
+
+def test_classifier_checkpoint_seeds_a_detector_backbone_with_prefix(tmp_path):
+    classifier = _stock_classifier(2)
     path = _save(classifier, tmp_path / 'classifier.pth')
     registry = _scope('mmdet')
     backbone = registry.build(dict(type='OREPAResNet', depth=50, init_cfg=dict(
@@ -118,15 +123,7 @@ STOCK_START = ['faster_rcnn_orepa_r50_stock-in1k_1x_coco.py',
 
 @pytest.fixture(scope='module')
 def stock_classifier_checkpoint(tmp_path_factory):
-    """A stand-in for mmpretrain's resnet50_8xb32_in1k: an ImageClassifier with a stock
-    ResNet-50, random weights and BN statistics."""
-    torch.manual_seed(6)
-    registry = _scope('mmpretrain')
-    classifier = randomize_network_(registry.build(dict(
-        type='ImageClassifier', backbone=dict(type='ResNet', depth=50),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=1000, in_channels=2048))))
-    return _save(classifier, tmp_path_factory.mktemp('in1k') / 'resnet50_in1k.pth')
+    return _save(_stock_classifier(6), tmp_path_factory.mktemp('in1k') / 'resnet50_in1k.pth')
 
 
 @pytest.mark.parametrize('config', STOCK_START)

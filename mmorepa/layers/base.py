@@ -74,6 +74,14 @@ def bn_fuse(kernel: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> Tuple[Ten
     return K.fuse_bn(kernel, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
+def _autocast_off(device_type: str):
+    """Autocast switched off for ``device_type`` (the kernel algebra runs in the parameters'
+    precision), or nothing to do where autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class ReparamConv2d(nn.Module):
     """Base of the conv layers whose kernel is squeezed from training-time branches.
 
@@ -156,14 +164,20 @@ class ReparamConv2d(nn.Module):
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
+        """One conv with the squeezed kernel (train) or the cached fused one (eval). Under
+        autocast the kernel algebra runs in full precision (squeezing in half precision would
+        lose the small branches); only the final conv (and the norm) follow the ambient
+        autocast."""
         if self.deploy:
             return self._conv(x, self.weight, self.bias)
         norm_frozen = self.bn is None or not self.bn.training
         if not self.training and norm_frozen and self.fold_norm_in_eval:
             needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-            kernel, bias = self.fused_kernel_and_bias() if needs_grad else self._cached_fused()
+            with _autocast_off(x.device.type):
+                kernel, bias = self.fused_kernel_and_bias() if needs_grad else self._cached_fused()
             return self._conv(x, kernel, bias)
-        kernel, bias = self.squeeze()
+        with _autocast_off(x.device.type):
+            kernel, bias = self.squeeze()
         out = self._conv(x, kernel, bias)
         return self.bn(out) if self.bn is not None else out
 
