@@ -64,33 +64,52 @@ def compose(first: Tensor, second: Tensor, groups: int = 1) -> Tensor:
     return out.transpose(0, 1)
 
 
-def compose_1x1(first: Tensor, second: Tensor, groups: int = 1) -> Tensor:
+def compose_1x1(first: Tensor, second: Tensor, groups: int = 1, scale: Optional[Tensor] = None,
+                accumulate: Optional[Tensor] = None) -> Tensor:
     """Eq. 3 for a 1x1 conv followed by any ``k x k`` conv (the 1x1-kxk branch, Rep-1x1).
 
-    ``K[o, i] = sum_m second[o, m] first[m, i]`` per group, as a batched matrix product: the same
-    result as :func:`compose` with far less work.
+    ``K[o, i] = sum_m second[o, m] first[m, i]`` per group, as one batched matrix product
+    ``[(o, p), m] @ [m, i]``: the same result as :func:`compose` with far less work.
+    ``scale`` (``(C2,)`` or ``(1,)``) multiplies the output channels (a scaling layer after the
+    pair). ``accumulate`` (a contiguous kernel of the result's shape, no autograd): the scaled
+    result is added to it in place, in the same pass that restores the kernel layout.
     """
     c1, c0g = first.shape[:2]
     c2, c1g, kh, kw = second.shape
     if c1 != c1g * groups:
         raise ValueError(f'compose_1x1: {c1} intermediate channels do not match '
                          f'{c1g} x {groups} groups of the second kernel')
-    a = first.reshape(groups, c1g, c0g)
-    b = second.reshape(groups, c2 // groups, c1g, kh * kw)
-    out = torch.einsum('gomp,gmi->goip', b, a)
-    return out.reshape(c2, c0g, kh, kw)
+    g, c2g, p = groups, c2 // groups, kh * kw
+    if scale is not None and accumulate is None:
+        second = second * scale.reshape(-1, 1, 1, 1)
+    b = second.reshape(g, c2g, c1g, p).transpose(2, 3).reshape(g, c2g * p, c1g)
+    out = torch.bmm(b, first.reshape(g, c1g, c0g)).reshape(g, c2g, p, c0g).transpose(2, 3)
+    if accumulate is None:
+        return out.reshape(c2, c0g, kh, kw)
+    acc = accumulate.view(g, c2g, c0g, p)
+    if scale is None:
+        acc.add_(out)
+    else:
+        acc.addcmul_(out, scale.reshape(-1, 1, 1).expand(c2, 1, 1).reshape(g, c2g, 1, 1))
+    return accumulate
 
 
-def compose_1x1_depthwise(first: Tensor, filters: Tensor) -> Tensor:
+def compose_1x1_depthwise(first: Tensor, filters: Tensor, scale: Optional[Tensor] = None,
+                          accumulate: Optional[Tensor] = None) -> Tensor:
     """A 1x1 conv followed by a fixed depthwise ``k x k`` filter per output channel (Eq. 3).
 
     ``first`` is ``(C_out, C_in // g, 1, 1)``; ``filters`` is ``(C_out, k, k)`` or ``(k, k)``
     (shared). Used for the 1x1-avg branch (filter :func:`avg_kernel`) and the 1x1-frequency-prior
-    branch (filter :func:`frequency_prior`) of Fig. 6.
+    branch (filter :func:`frequency_prior`) of Fig. 6. ``scale`` and ``accumulate`` as in
+    :func:`compose_1x1` (one pass over ``accumulate``).
     """
     if filters.dim() == 2:
         filters = filters.unsqueeze(0)
-    return first * filters.unsqueeze(1)
+    if scale is not None:
+        first = first * scale.reshape(-1, 1, 1, 1)
+    if accumulate is None:
+        return first * filters.unsqueeze(1)
+    return accumulate.addcmul_(first, filters.unsqueeze(1))
 
 
 def avg_kernel(k: int, dtype=None, device=None) -> Tensor:
@@ -117,13 +136,15 @@ def frequency_prior(channels: int, k: int, dtype=None, device=None) -> Tensor:
     return prior.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
-def dw_pw_to_full(depthwise: Tensor, pointwise: Tensor, in_channels: int, groups: int = 1) -> Tensor:
+def dw_pw_to_full(depthwise: Tensor, pointwise: Tensor, in_channels: int, groups: int = 1,
+                  scale: Optional[Tensor] = None, accumulate: Optional[Tensor] = None) -> Tensor:
     """A linear depthwise-separable pair as one full kernel (Sec. 3.5, DO-Conv; Eq. 3).
 
     ``depthwise`` is ``(C_in * M, 1, k, k)`` (groups ``C_in``, expansion ``M``: input channel ``i``
     feeds channels ``i * M .. i * M + M - 1``); ``pointwise`` is ``(C_out, C_in * M // g, 1, 1)``
-    with ``groups``. ``K[o, i] = sum_m pw[o, i * M + m] dw[i * M + m]`` within each group; the
-    result is ``(C_out, C_in // g, k, k)``.
+    with ``groups``. ``K[o, i] = sum_m pw[o, i * M + m] dw[i * M + m]`` within each group, one
+    matrix product ``[o, m] @ [m, p]`` per input channel; the result is ``(C_out, C_in // g, k, k)``.
+    ``scale`` and ``accumulate`` as in :func:`compose_1x1`.
     """
     cim, _, kh, kw = depthwise.shape
     c_out, cimg = pointwise.shape[:2]
@@ -133,10 +154,20 @@ def dw_pw_to_full(depthwise: Tensor, pointwise: Tensor, in_channels: int, groups
                          f'in {groups} groups')
     m = cim // in_channels
     cig = in_channels // groups
-    dw = depthwise.reshape(groups, cig, m, kh * kw)
-    pw = pointwise.reshape(groups, c_out // groups, cig, m)
-    out = torch.einsum('goim,gimp->goip', pw, dw)
-    return out.reshape(c_out, cig, kh, kw)
+    g, og, p = groups, c_out // groups, kh * kw
+    if scale is not None and accumulate is None:
+        pointwise = pointwise * scale.reshape(-1, 1, 1, 1)
+    dw = depthwise.reshape(g * cig, m, p)
+    pw = pointwise.reshape(g, og, cig, m).transpose(1, 2).reshape(g * cig, og, m)
+    out = torch.bmm(pw, dw).reshape(g, cig, og, p).transpose(1, 2)  # (g, o, i, p)
+    if accumulate is None:
+        return out.reshape(c_out, cig, kh, kw)
+    acc = accumulate.view(g, og, cig, p)
+    if scale is None:
+        acc.add_(out)
+    else:
+        acc.addcmul_(out, scale.reshape(-1, 1, 1).expand(c_out, 1, 1).reshape(g, og, 1, 1))
+    return accumulate
 
 
 def identity_kernel(channels: int, groups: int = 1, k: int = 1, dtype=None, device=None) -> Tensor:
@@ -235,3 +266,264 @@ SQUEEZE_BRANCHES = ('kxk', '1x1', '1x1_kxk', '1x1_avg', '1x1_freq', 'dw_pw')
 SQUEEZE_LEAVES = {'kxk': ('kxk', ), '1x1': ('1x1', ), '1x1_kxk': ('1x1_kxk.first', '1x1_kxk.second'),
                   '1x1_avg': ('1x1_avg', ), '1x1_freq': ('1x1_freq', ), 'dw_pw': ('dw', 'pw')}
 _SQUEEZE_IMPL = ['function']
+
+
+def _scale_col(scales: Optional[Tensor], row: int) -> Optional[Tensor]:
+    """Row ``row`` of the scaling layer as an output-channel column ``(C_out or 1, 1, 1, 1)``."""
+    return None if scales is None else scales[row].reshape(-1, 1, 1, 1)
+
+
+def _first_factor(leaves, identity):
+    first = leaves['1x1_kxk.first']
+    return first if identity is None else identity + first
+
+
+def squeeze_reference(branches: Sequence[str], leaves: dict, scales: Optional[Tensor],
+                      kernel_size: int, groups: int, in_channels: int,
+                      identity: Optional[Tensor] = None,
+                      freq_prior: Optional[Tensor] = None) -> Tensor:
+    """Eq. 4 with the scaling layers of Sec. 3.2, ``sum_m gamma_m * W_m``, each branch kernel
+    ``W_m`` by Eq. 3 (supp Eq. 2 for the 1x1-kxk pair), written with the kernel functions above
+    and differentiated by autograd. Each scaling vector goes on the branch's last factor (scaling
+    output channels commutes with composing on the input side), so no branch kernel is stacked.
+
+    ``branches``: names from :data:`SQUEEZE_BRANCHES`, in the row order of ``scales`` (``(M,
+    C_out)``, ``(M, 1)`` or ``None``); ``leaves``: the tensors named in :data:`SQUEEZE_LEAVES` for
+    those branches; ``identity``: added to the 1x1-kxk first factor (or ``None``);
+    ``freq_prior``: the ``(C_out, k, k)`` filters of the 1x1-frequency-prior branch.
+    """
+    k = kernel_size
+    terms = []
+
+    def scaled(row, w):
+        s = _scale_col(scales, row)
+        return w if s is None else w * s
+
+    for row, b in enumerate(branches):
+        if b == 'kxk':
+            terms.append(scaled(row, leaves['kxk']))
+        elif b == '1x1':
+            terms.append(pad_to(scaled(row, leaves['1x1']), k))
+        elif b == '1x1_kxk':
+            terms.append(compose_1x1(_first_factor(leaves, identity),
+                                     scaled(row, leaves['1x1_kxk.second']), groups))
+        elif b == '1x1_avg':
+            w = scaled(row, leaves['1x1_avg'])
+            terms.append(compose_1x1_depthwise(w, avg_kernel(k, w.dtype, w.device)))
+        elif b == '1x1_freq':
+            terms.append(compose_1x1_depthwise(scaled(row, leaves['1x1_freq']), freq_prior))
+        elif b == 'dw_pw':
+            terms.append(dw_pw_to_full(leaves['dw'], scaled(row, leaves['pw']), in_channels,
+                                       groups))
+        else:
+            raise ValueError(f'unknown branch {b!r}; expected one of {list(SQUEEZE_BRANCHES)}')
+    return sum(terms[1:], terms[0])
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b)`` over all but the first dimension, as one batched product (no temporary)."""
+    n = a.shape[0]
+    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).reshape(n)
+
+
+def _transpose_groups(first: Tensor, groups: int) -> Tensor:
+    """A grouped 1x1 kernel ``(C1, C0 // g, 1, 1)`` transposed per group: ``(C0, C1 // g, 1, 1)``."""
+    c1, c0g = first.shape[:2]
+    return first.reshape(groups, c1 // groups, c0g).transpose(1, 2).reshape(
+        groups * c0g, c1 // groups, 1, 1)
+
+
+def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, identity, freq_prior):
+    """The value of :func:`squeeze_reference` (no autograd): the same kernel functions, each term
+    scaled and added into one kernel in the pass that writes it."""
+    ref = next(iter(leaves.values()))
+    c_out = next(leaves[n] for n in ('kxk', '1x1_kxk.second', 'pw', '1x1', '1x1_avg', '1x1_freq')
+                 if n in leaves).shape[0]
+    # start from a full-size kernel (kxk; the 1x1 itself when k = 1) or from zeros
+    total, start = None, 'kxk' if 'kxk' in branches else '1x1' if k == 1 else None
+    for row, b in enumerate(branches):
+        if b == start:
+            s = _scale_col(scales, row)
+            total = leaves[b] * s if s is not None else leaves[b].clone()
+    if total is None:
+        total = ref.new_zeros(c_out, in_channels // groups, k, k)
+    for row, b in enumerate(branches):
+        s = None if scales is None else scales[row]
+        if b == start:
+            continue
+        if b == '1x1':
+            w = leaves['1x1'] if s is None else leaves['1x1'] * s.reshape(-1, 1, 1, 1)
+            total[:, :, k // 2, k // 2] += w[:, :, 0, 0]  # pad_to: the centre tap
+        elif b == '1x1_kxk':
+            compose_1x1(_first_factor(leaves, identity), leaves['1x1_kxk.second'], groups, s,
+                        accumulate=total)
+        elif b == '1x1_avg':
+            compose_1x1_depthwise(leaves['1x1_avg'], avg_kernel(k, total.dtype, total.device), s,
+                                  accumulate=total)
+        elif b == '1x1_freq':
+            compose_1x1_depthwise(leaves['1x1_freq'], freq_prior, s, accumulate=total)
+        elif b == 'dw_pw':
+            dw_pw_to_full(leaves['dw'], leaves['pw'], in_channels, groups, s, accumulate=total)
+    return total
+
+
+def _permuted(src: Tensor, dims, scale: Optional[Tensor] = None) -> Tensor:
+    """``src.permute(dims)`` made contiguous, times ``scale`` (broadcast), in one pass."""
+    view = src.permute(dims)
+    out = torch.empty(view.shape, dtype=src.dtype, device=src.device)
+    if scale is None:
+        return out.copy_(view)
+    return torch.mul(view, scale, out=out)
+
+
+class _Squeeze(torch.autograd.Function):
+    """:func:`squeeze_reference` as one autograd node that saves only its leaf tensors (the
+    layer's parameters, which are kept anyway) and recomputes what its backward needs.
+
+    Backward, with ``G`` the gradient of the squeezed kernel and ``s`` a branch's scaling vector
+    (chain rule through Eq. 3, 4 and supp Eq. 2, per group; ``<., .>_o``: sum over all but the
+    output channel):
+
+    - kxk: ``dW = s G``; ``ds = <G, W>_o``.
+    - 1x1, 1x1-avg, 1x1-freq (a 1x1 ``w`` then a fixed filter ``f_o``: the centre tap, ``1/k^2``,
+      the prior): ``H[o, i] = sum_p G[o, i, p] f_o[p]``; ``dw = s H``; ``ds = <H, w>_o``.
+    - 1x1-kxk (``K[o, i, p] = s_o sum_m B[o, m, p] A[m, i]``): ``T[o, m, p] = sum_i G[o, i, p]
+      A[m, i]``; ``dB = s T``; ``ds = <T, B>_o``; ``dA[m, i] = sum_{o, p} s_o B[o, m, p]
+      G[o, i, p]``.
+    - dw-pw (``K[o, i, p] = s_o sum_m pw[o, i, m] dw[i, m, p]``): ``T[o, i, m] = sum_p G[o, i, p]
+      dw[i, m, p]``; ``dpw = s T``; ``ds = <T, pw>_o``; ``ddw[i, m, p] = sum_o s_o pw[o, i, m]
+      G[o, i, p]``.
+
+    A scalar scale's gradient is the sum of the per-channel ones. The matrix products are those
+    of autograd through :func:`squeeze_reference` (no more FLOPs); the element-wise work is one
+    pass per layout change or scaling, scaling fused into the layout changes.
+    """
+
+    @staticmethod
+    def forward(meta, scales, identity, freq_prior, *tensors):
+        branches, k, groups, in_channels, names = meta
+        return _squeeze_accumulated(branches, dict(zip(names, tensors)), scales, k, groups,
+                                    in_channels, identity, freq_prior)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        meta, scales, identity, freq_prior, *tensors = inputs
+        ctx.meta = meta
+        ctx.save_for_backward(scales, identity, freq_prior, *tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        branches, k, groups, in_channels, names = ctx.meta
+        scales, identity, freq_prior, *tensors = ctx.saved_tensors
+        leaves = dict(zip(names, tensors))
+        needs = dict(zip(names, ctx.needs_input_grad[4:]))
+        need_scales = ctx.needs_input_grad[1]
+        grad = grad.contiguous()
+        c_out, cig = grad.shape[:2]
+        g, og, p = groups, c_out // groups, k * k
+        g3 = grad.reshape(c_out, cig, p)
+        out = {}
+        scale_grads = []
+        # the 1x1 branches followed by a fixed per-channel filter: one batched product for all
+        fixed = [b for b in branches if b in ('1x1', '1x1_avg', '1x1_freq')]
+        if fixed:
+            filters = grad.new_zeros(c_out, p, len(fixed))
+            for j, b in enumerate(fixed):
+                if b == '1x1':
+                    filters[:, p // 2, j] = 1
+                elif b == '1x1_avg':
+                    filters[:, :, j] = 1.0 / p
+                else:
+                    filters[:, :, j] = freq_prior.reshape(-1, p)
+            h = torch.bmm(g3, filters).permute(2, 0, 1).contiguous()  # (n_fixed, C_out, C_in/g)
+        for row, b in enumerate(branches):
+            s = None if scales is None else scales[row]
+            sv = None if s is None else s.reshape(-1).expand(c_out)  # per output channel
+            ds = None
+            if b == 'kxk':
+                w = leaves['kxk']
+                if needs['kxk']:
+                    out['kxk'] = grad if s is None else grad * sv.reshape(-1, 1, 1, 1)
+                if need_scales:
+                    ds = _rowdot(grad, w)
+            elif b in fixed:
+                w = leaves[b]
+                hb = h[fixed.index(b)]
+                if needs[b]:
+                    out[b] = (hb if s is None else hb * sv.reshape(-1, 1)).reshape(w.shape)
+                if need_scales:
+                    ds = _rowdot(hb, w)
+            elif b == '1x1_kxk':
+                first, second = _first_factor(leaves, identity), leaves['1x1_kxk.second']
+                c1g = second.shape[1]
+                a = first.reshape(g, c1g, cig)
+                # G as [(o, p), i] per group: shared by both products
+                gp = _permuted(grad.reshape(g, og, cig, p), (0, 1, 3, 2)).reshape(g, og * p, cig)
+                if needs['1x1_kxk.second'] or need_scales:
+                    t = torch.bmm(gp, a.transpose(1, 2))  # [(o, p), m]
+                    t = _permuted(t.reshape(g, og, p, c1g), (0, 1, 3, 2)).reshape(second.shape)
+                    if need_scales:
+                        ds = _rowdot(t, second)
+                    if needs['1x1_kxk.second']:
+                        out['1x1_kxk.second'] = t if s is None else t.mul_(
+                            sv.reshape(-1, 1, 1, 1))
+                if needs['1x1_kxk.first']:
+                    bs = _permuted(second.reshape(g, og, c1g, p), (0, 2, 1, 3),
+                                   None if s is None else sv.reshape(g, 1, og, 1))
+                    out['1x1_kxk.first'] = torch.bmm(bs.reshape(g, c1g, og * p), gp).reshape(
+                        first.shape)
+            elif b == 'dw_pw':
+                dw, pw = leaves['dw'], leaves['pw']
+                m = dw.shape[0] // in_channels
+                dw3 = dw.reshape(g * cig, m, p)
+                # G as [i][o, p]: shared by both products
+                gi = _permuted(grad.reshape(g, og, cig, p), (0, 2, 1, 3)).reshape(g * cig, og, p)
+                if needs['pw'] or need_scales:
+                    t = torch.bmm(gi, dw3.transpose(1, 2))  # [i][o, m]
+                    t = _permuted(t.reshape(g, cig, og, m), (0, 2, 1, 3)).reshape(pw.shape)
+                    if need_scales:
+                        ds = _rowdot(t, pw)
+                    if needs['pw']:
+                        out['pw'] = t if s is None else t.mul_(sv.reshape(-1, 1, 1, 1))
+                if needs['dw']:
+                    pws = _permuted(pw.reshape(g, og, cig, m), (0, 2, 3, 1),
+                                    None if s is None else sv.reshape(g, 1, 1, og))
+                    out['dw'] = torch.bmm(pws.reshape(g * cig, m, og), gi).reshape(dw.shape)
+            if need_scales:
+                scale_grads.append(ds.sum(0, keepdim=True) if s.numel() == 1 else ds)
+        grad_scales = torch.stack(scale_grads).to(scales.dtype) if need_scales else None
+        return (None, grad_scales, None, None) + tuple(out.get(n) for n in names)
+
+
+def squeeze(branches: Sequence[str], leaves: dict, scales: Optional[Tensor], kernel_size: int,
+            groups: int, in_channels: int, identity: Optional[Tensor] = None,
+            freq_prior: Optional[Tensor] = None) -> Tensor:
+    """The squeezed kernel of one OREPA layer (Eq. 4 with scaling; Eq. 3 / supp Eq. 2 per branch):
+    the value of :func:`squeeze_reference`, computed by one autograd node that keeps only the
+    leaves for backward (see :class:`_Squeeze`). ``use_squeeze_impl('autograd')`` switches to
+    plain autograd through :func:`squeeze_reference` (for comparisons)."""
+    branches = tuple(branches)
+    if _SQUEEZE_IMPL[0] == 'autograd':
+        return squeeze_reference(branches, leaves, scales, kernel_size, groups, in_channels,
+                                 identity, freq_prior)
+    names = tuple(n for b in branches for n in SQUEEZE_LEAVES[b])
+    meta = (branches, kernel_size, groups, in_channels, names)
+    return _Squeeze.apply(meta, scales, identity, freq_prior, *(leaves[n] for n in names))
+
+
+class use_squeeze_impl:
+    """Context manager (and setter): ``'function'`` (default, :class:`_Squeeze`) or
+    ``'autograd'`` (autograd through :func:`squeeze_reference`) for :func:`squeeze`."""
+
+    def __init__(self, impl: str):
+        if impl not in ('function', 'autograd'):
+            raise ValueError(f"squeeze impl must be 'function' or 'autograd', got {impl!r}")
+        self.previous = _SQUEEZE_IMPL[0]
+        _SQUEEZE_IMPL[0] = impl
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _SQUEEZE_IMPL[0] = self.previous

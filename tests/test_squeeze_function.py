@@ -1,0 +1,125 @@
+"""The OREPA squeeze as one autograd node (:func:`mmorepa.kernels.squeeze`): same value as the
+reference written with the kernel functions, hand-written backward checked by gradcheck (float64)
+and against autograd through the reference, and it keeps only the leaves for backward."""
+import itertools
+
+import pytest
+import torch
+
+from mmorepa import kernels as K
+from mmorepa.layers import OREPAConv1x1, OREPAConv2d
+
+from helpers import randomize_, rel_err
+
+CIN, COUT = 4, 8
+
+
+def _case(branches, k, groups, scaling, identity=True, m=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dt)
+
+    leaves = {}
+    for b in branches:
+        if b == 'kxk':
+            leaves['kxk'] = rnd(COUT, CIN // groups, k, k)
+        elif b in ('1x1', '1x1_avg', '1x1_freq'):
+            leaves[b] = rnd(COUT, CIN // groups, 1, 1)
+        elif b == '1x1_kxk':
+            leaves['1x1_kxk.first'] = rnd(CIN, CIN // groups, 1, 1)
+            leaves['1x1_kxk.second'] = rnd(COUT, CIN // groups, k, k)
+        elif b == 'dw_pw':
+            leaves['dw'] = rnd(CIN * m, 1, k, k)
+            leaves['pw'] = rnd(COUT, CIN * m // groups, 1, 1)
+    scales = {'vector': rnd(len(branches), COUT), 'scalar': rnd(len(branches), 1),
+              'none': None}[scaling]
+    ident = K.identity_kernel(CIN, groups, dtype=dt) if identity else None
+    return leaves, scales, ident, K.frequency_prior(COUT, k, dtype=dt)
+
+
+def _check(branches, k, groups, scaling, identity=True, fast_mode=True):
+    leaves, scales, ident, prior = _case(branches, k, groups, scaling, identity)
+    names = list(leaves)
+    inputs = [leaves[n].requires_grad_() for n in names]
+    if scales is not None:
+        inputs.append(scales.requires_grad_())
+
+    def call(fn):
+        def f(*xs):
+            s = xs[len(names)] if scales is not None else None
+            return fn(branches, dict(zip(names, xs)), s, k, groups, CIN, ident, prior)
+        return f
+
+    fast, ref = call(K.squeeze), call(K.squeeze_reference)
+    assert torch.autograd.gradcheck(fast, inputs, fast_mode=fast_mode)
+    # against autograd through the reference (an independent derivation of the same gradient)
+    out = fast(*inputs)
+    assert rel_err(out, ref(*inputs)) <= 1e-13
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g),
+                    torch.autograd.grad(ref(*inputs), inputs, g)):
+        assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize('branches', [bs for r in range(1, 7)
+                                      for bs in itertools.combinations(K.SQUEEZE_BRANCHES, r)
+                                      if r in (1, 6) or bs in (('1x1', '1x1_kxk'),
+                                                               ('1x1_freq', 'dw_pw'))])
+@pytest.mark.parametrize('scaling', ['vector', 'scalar', 'none'])
+def test_every_single_branch_and_all_k3_groups2(branches, scaling):
+    _check(branches, 3, 2, scaling)
+
+
+@pytest.mark.parametrize('k', [1, 5, 7])
+@pytest.mark.parametrize('groups', [1, 4])
+def test_all_branches_other_sizes(k, groups):
+    _check(K.SQUEEZE_BRANCHES, k, groups, 'vector')
+
+
+def test_full_jacobian_all_branches():
+    _check(K.SQUEEZE_BRANCHES, 3, 2, 'vector', fast_mode=False)
+
+
+def test_rep1x1_form_without_identity():
+    _check(('1x1', '1x1_kxk'), 1, 1, 'vector', identity=False)
+    _check(('1x1_kxk', ), 1, 2, 'scalar', identity=False)
+
+
+def test_frozen_leaves_get_no_gradient():
+    leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, 3, 1, 'vector')
+    leaves['dw'].requires_grad_()
+    out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
+    out.sum().backward()
+    assert leaves['dw'].grad is not None and leaves['kxk'].grad is None
+
+
+@pytest.mark.parametrize('make', [lambda: OREPAConv2d(8, 16, 3, groups=2),
+                                  lambda: OREPAConv1x1(8, 12)])
+def test_layer_keeps_only_its_parameters_for_backward(make):
+    """The point of the node: nothing but the parameters (and buffers) is saved for backward,
+    where autograd through the reference keeps scaled factors and composed intermediates."""
+    layer = randomize_(make())
+    state = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) +
+             list(layer.buffers())}
+
+    def saved_bytes(impl):
+        saved = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in state:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with K.use_squeeze_impl(impl), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            kernel = layer.squeeze()[0]
+        return sum(saved.values()), kernel
+
+    fast, k1 = saved_bytes('function')
+    slow, k2 = saved_bytes('autograd')
+    assert fast == 0 and slow > 0
+    assert rel_err(k1, k2) <= 1e-6
+    with pytest.raises(ValueError, match='squeeze impl'):
+        K.use_squeeze_impl('compiled')
