@@ -21,7 +21,8 @@ def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark_train_cost.py', '--archs', 'resnet18',
          '--reparams', 'none', 'orepa', '--batch-size', '2', '--input-size', '32', '--steps',
-         '2', '--warmup', '1', '--threads', '1', '--repeats', '2', '--eval', '--json', str(out)],
+         '2', '--warmup', '1', '--threads', '1', '--repeats', '2', '--eval', '--json', str(out),
+         '--plot', str(tmp_path / 'fig8.png')],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -34,6 +35,55 @@ def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
     assert '| resnet18 | orepa |' in proc.stdout and 'x plain' in proc.stdout
     for r in rows:  # two processes per variant; the fastest is reported
         assert len(r['step_s_all']) == 2 and r['step_s'] == min(r['step_s_all'])
+    # the machine-independent counters, with ratios, lead the output
+    assert plain['flops_ratio'] == 1.0 and plain['saved_ratio'] == 1.0
+    assert orepa['flops'] > plain['flops'] > 0 and orepa['saved_bytes'] > plain['saved_bytes'] > 0
+    assert orepa['saved_ratio'] == pytest.approx(orepa['saved_bytes'] / plain['saved_bytes'])
+    assert orepa['param_state_bytes'] == 3 * 4 * orepa['params']
+    assert proc.stdout.index('GFLOP') < proc.stdout.index('s/step')
+    assert (tmp_path / 'fig8.png').stat().st_size > 5000
+
+
+def test_benchmark_counters_by_hand():
+    """The counters on a model small enough to count by hand: a conv, a ReLU, a linear."""
+    import benchmark_train_cost as bench
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    fc = torch.nn.Linear(4 * 5 * 5, 10)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), fc)
+    x, y = torch.randn(2, 3, 5, 5), torch.tensor([1, 2])
+    c = bench.count_step(model, x, y)
+    conv_fwd = 2 * 2 * 4 * 5 * 5 * 3 * 9  # 2 flops per MAC
+    fc_fwd = 2 * 2 * 100 * 10
+    # backward: the conv needs only its weight gradient (the input needs none), the linear both
+    assert c['flops'] == conv_fwd + conv_fwd + 3 * fc_fwd
+    # saved: the conv keeps x (its weight is a parameter), ReLU its output, linear its input
+    # (a view of the ReLU output: same storage), cross-entropy its log-softmax (2 x 10 floats),
+    # the int64 targets and the loss's total weight (one float)
+    assert c['saved_bytes'] == 4 * (2 * 3 * 5 * 5 + 2 * 4 * 5 * 5 + 2 * 10) + 8 * 2 + 4
+    assert c['param_state_bytes'] == 3 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_benchmark_counters_squeeze_function_vs_autograd(tmp_path):
+    """The OREPA squeeze node keeps less for backward than autograd through the same math, at
+    the same FLOPs up to the scale-gradient reductions it does as (counted) batched products."""
+    rows = {}
+    for impl in ('autograd', 'function'):
+        out = tmp_path / f'{impl}.json'
+        proc = subprocess.run(
+            [sys.executable, 'tools/analysis/benchmark_train_cost.py', '--archs', 'resnet18',
+             '--reparams', 'none', 'orepa', '--batch-size', '2', '--input-size', '64',
+             '--threads', '1', '--counters-only', '--squeeze', impl, '--json', str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[impl] = {r['reparam']: r for r in json.loads(out.read_text())}
+        assert rows[impl]['orepa']['step_times'] == []  # no timed steps
+    a, f = rows['autograd'], rows['function']
+    assert a['none']['saved_bytes'] == f['none']['saved_bytes']  # plain: untouched
+    assert f['orepa']['saved_bytes'] < a['orepa']['saved_bytes']
+    # the node does the scale-gradient reductions as batched products, which the counter sees
+    # (autograd does them as uncounted element-wise multiply-and-sum): a few per kernel element
+    assert 0 <= f['orepa']['flops'] - a['orepa']['flops'] <= 6e-3 * a['orepa']['flops']
 
 
 def test_benchmark_components_follow_fig8():

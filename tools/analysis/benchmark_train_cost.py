@@ -72,6 +72,43 @@ def build_model(arch: str, reparam: str, orepa_cfg=None):
     return Classifier()
 
 
+def count_step(model, x, y):
+    """Machine-independent counters of one training step (forward, cross-entropy, backward).
+
+    ``flops``: ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions,
+    forward and backward). ``saved_bytes``: the bytes autograd keeps for backward, i.e. every
+    tensor packed by ``torch.autograd.graph.saved_tensors_hooks`` counted once per storage,
+    parameters and buffers excluded (the module state is there with or without autograd).
+    ``param_state_bytes``: weights + gradients + SGD momentum.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    state = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        state.add(t.untyped_storage().data_ptr())
+    saved = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in state:
+                saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (opaque layouts)
+            saved[('opaque', id(t))] = t.numel() * t.element_size()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return dict(flops=counter.get_total_flops(), saved_bytes=sum(saved.values()),
+                param_state_bytes=3 * params)
+
+
 def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -82,6 +119,9 @@ def worker(spec: dict) -> dict:
     import torch.nn.functional as F
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
+    if spec.get('squeeze', 'function') != 'function':
+        from mmorepa import kernels
+        kernels.use_squeeze_impl(spec['squeeze'])  # for the rest of this process
     cuda = spec['device'] == 'cuda'
     device = torch.device(spec['device'])
     base_rss = _rss_mb()
@@ -127,12 +167,14 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = timed(step, spec['steps'])
     sync()
-    out = dict(spec, params=params, step_s=statistics.median(times), step_times=times)
+    out = dict(spec, params=params, step_times=times,
+               step_s=statistics.median(times) if times else float('nan'))
     if cuda:
         out['peak_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         out['peak_mb'] = _rss_mb()
         out['base_mb'] = base_rss
+    out.update(count_step(model, x, y))  # after the timed steps: no effect on time or peak
     if spec.get('eval'):
         import mmorepa
         model.eval()
@@ -188,6 +230,13 @@ def main(argv=None):
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda if present)')
     parser.add_argument('--components', action='store_true', help='Fig. 8: one at a time')
     parser.add_argument('--eval', action='store_true', help='also time eval un-fused vs fused')
+    parser.add_argument('--squeeze', default='function', choices=['function', 'autograd'],
+                        help="the OREPA squeeze: one autograd node with its own backward "
+                        "(default) or plain autograd through the kernel functions")
+    parser.add_argument('--counters-only', action='store_true',
+                        help='only the machine-independent counters: no timed steps, one process')
+    parser.add_argument('--plot', help='write a Fig. 8-style PNG bar chart (memory and time per '
+                        'variant, offline DBB against online OREPA) to this file')
     parser.add_argument('--json', help='write the results to this JSON file too')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -196,8 +245,12 @@ def main(argv=None):
         return None
     import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    timing = not args.counters_only
+    if not timing:
+        args.steps, args.warmup, args.repeats, args.eval = 0, 0, 1, False
     common = dict(batch_size=args.batch_size, input_size=args.input_size, steps=args.steps,
-                  warmup=args.warmup, threads=args.threads, device=device, eval=args.eval)
+                  warmup=args.warmup, threads=args.threads, device=device, eval=args.eval,
+                  squeeze=args.squeeze)
     todo = list(variants(args))
     runs = [[] for _ in todo]
     for rep in range(args.repeats):
@@ -205,7 +258,8 @@ def main(argv=None):
             r = run_variant(dict(common, **v))
             runs[i].append(r)
             print(f'  [{rep + 1}/{args.repeats}] {r["arch"]:<10} {r["label"]:<28} '
-                  f'{r["step_s"]:.3f} s/step', file=sys.stderr, flush=True)
+                  f'{r["step_s"]:.3f} s/step, {r["flops"] / 1e9:.1f} GFLOP, '
+                  f'{r["saved_bytes"] / 2 ** 20:.0f} MiB saved', file=sys.stderr, flush=True)
     results = []
     for measured in runs:
         best = dict(min(measured, key=lambda r: r['step_s']))
@@ -220,29 +274,88 @@ def main(argv=None):
         p = plain.get(r['arch'])
         r['time_ratio'] = r['step_s'] / p['step_s'] if p else None
         r['mem_ratio'] = r['peak_mb'] / p['peak_mb'] if p else None
-    mem = 'peak GPU MiB' if device == 'cuda' else 'peak RSS MiB'
-    print(f'device: {device} ({args.threads} threads), batch {args.batch_size}, '
-          f'input {args.input_size}, median of {args.steps} steps after {args.warmup}, '
-          f'fastest of {args.repeats} processes per variant')
-    head = f'| arch | re-param | params (M) | s/step | x plain | {mem} | x plain |'
-    if args.eval:
-        head += ' eval un-fused s | eval fused s | un-fused / fused |'
+        r['flops_ratio'] = r['flops'] / p['flops'] if p else None
+        r['saved_ratio'] = r['saved_bytes'] / p['saved_bytes'] if p else None
+    print(f'counters of one training step, batch {args.batch_size}, input {args.input_size} '
+          '(the same on any machine)')
+    head = ('| arch | re-param | params (M) | GFLOP | x plain | saved for backward MiB | x plain '
+            '| weights+grads+momentum MiB |')
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     for r in results:
-        line = (f'| {r["arch"]} | {r["label"]} | {r["params"] / 1e6:.2f} | {r["step_s"]:.3f} | '
-                f'{_ratio(r["time_ratio"])} | {r["peak_mb"]:.0f} | {_ratio(r["mem_ratio"])} |')
+        print(f'| {r["arch"]} | {r["label"]} | {r["params"] / 1e6:.2f} | {r["flops"] / 1e9:.1f} | '
+              f'{_ratio(r["flops_ratio"], 3)} | {r["saved_bytes"] / 2 ** 20:.0f} | '
+              f'{_ratio(r["saved_ratio"], 3)} | {r["param_state_bytes"] / 2 ** 20:.0f} |')
+    if timing:
+        mem = 'peak GPU MiB' if device == 'cuda' else 'peak RSS MiB'
+        print(f'\ndevice: {device} ({args.threads} threads), batch {args.batch_size}, '
+              f'input {args.input_size}, median of {args.steps} steps after {args.warmup}, '
+              f'fastest of {args.repeats} processes per variant')
+        head = f'| arch | re-param | s/step | x plain | all processes s/step | {mem} | x plain |'
         if args.eval:
-            line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
-                     f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
-        print(line)
+            head += ' eval un-fused s | eval fused s | un-fused / fused |'
+        print(head)
+        print('|' + '---|' * (head.count('|') - 1))
+        for r in results:
+            every = ' '.join(f'{t:.3f}' for t in r['step_s_all'])
+            line = (f'| {r["arch"]} | {r["label"]} | {r["step_s"]:.3f} | '
+                    f'{_ratio(r["time_ratio"])} | {every} | {r["peak_mb"]:.0f} | '
+                    f'{_ratio(r["mem_ratio"])} |')
+            if args.eval:
+                line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
+                         f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
+            print(line)
+    if args.plot:
+        plot_fig8(results, args.plot, timing)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results
 
 
-def _ratio(value):
-    return '-' if value is None else f'{value:.2f}x'
+def plot_fig8(results, path, timing=True):
+    """Fig. 8 of the paper as bars: per architecture, (a) memory and (b) time per step of each
+    variant (plain, offline DBB, online OREPA and its components), offline bars hatched.
+    Memory is the bytes saved for backward plus the parameter state (machine-independent); with
+    timing, the peak memory and the step time are drawn too."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    archs = list(dict.fromkeys(r['arch'] for r in results))
+    panels = [('saved for backward + weights/grads/momentum (MiB)',
+               lambda r: (r['saved_bytes'] + r['param_state_bytes']) / 2 ** 20),
+              ('GFLOP per step', lambda r: r['flops'] / 1e9)]
+    if timing:
+        panels = [(f'peak memory (MiB)', lambda r: r['peak_mb']),
+                  ('time per step (s)', lambda r: r['step_s'])] + panels
+    fig, axes = plt.subplots(len(archs), len(panels), squeeze=False,
+                             figsize=(4.2 * len(panels), 3.6 * len(archs)))
+    colours = {'none': '#9e9e9e', 'dbb': '#d9534f'}
+    for row, arch in zip(axes, archs):
+        rows = [r for r in results if r['arch'] == arch]
+        labels = [r['label'].replace('orepa: ', '') for r in rows]
+        for ax, (title, value) in zip(row, panels):
+            vals = [value(r) for r in rows]
+            bars = ax.bar(range(len(rows)), vals,
+                          color=[colours.get(r['reparam'], '#337ab7') for r in rows])
+            for bar, r in zip(bars, rows):
+                if r['reparam'] == 'dbb':
+                    bar.set_hatch('//')
+            plain = next((v for v, r in zip(vals, rows) if r['reparam'] == 'none'), None)
+            for i, v in enumerate(vals):
+                text = f'{v / plain:.2f}x' if plain else f'{v:.3g}'
+                ax.text(i, v, text, ha='center', va='bottom', fontsize=7)
+            ax.set_xticks(range(len(rows)))
+            ax.set_xticklabels(labels, rotation=35, ha='right', fontsize=7)
+            ax.set_title(f'{arch}: {title}', fontsize=9)
+    fig.suptitle('Training cost: plain, offline DBB (hatched), online OREPA (blue)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ratio(value, digits=2):
+    return '-' if value is None else f'{value:.{digits}f}x'
 
 
 if __name__ == '__main__':
