@@ -184,30 +184,19 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
         """Eq. 4 with the scaling layers of Sec. 3.2, ``sum_m gamma_m * W_m``, computed cheaply:
         scaling output channels commutes with composing on the input side, so each branch's
         scaling vector goes onto its last (smallest) factor and no branch kernel is stacked.
-        Equal to ``scaled_sum(branch_kernels(), scales)``."""
-        k, g = self.kernel_size[0], self.groups
+        Equal to ``scaled_sum(branch_kernels(), scales)``; one autograd node
+        (:func:`mmorepa.kernels.squeeze`) that keeps only the parameters for backward."""
         b = self.branches
-        terms = []
-        if 'kxk' in b:
-            terms.append(self._scaled('kxk', self.weight_kxk))
-        if '1x1_kxk' in b:
-            first = self.identity + self.weight_1x1_kxk_idconv1
-            second = self._scaled('1x1_kxk', self.weight_1x1_kxk_conv2)
-            terms.append(K.compose_1x1(first, second, g))
-        if 'dw_pw' in b:
-            terms.append(K.dw_pw_to_full(self.weight_dw, self._scaled('dw_pw', self.weight_pw),
-                                         self.in_channels, g))
-        # a 1x1 centred, or followed by a fixed per-channel filter (average, frequency prior)
-        if '1x1' in b:
-            terms.append(K.pad_to(self._scaled('1x1', self.weight_1x1), k))
-        if '1x1_avg' in b:
-            w = self._scaled('1x1_avg', self.weight_1x1_avg)
-            terms.append(K.compose_1x1_depthwise(w, K.avg_kernel(k, w.dtype, w.device)))
-        if '1x1_freq' in b:
-            terms.append(K.compose_1x1_depthwise(self._scaled('1x1_freq', self.weight_1x1_freq),
-                                                 self.freq_prior))
-        return sum(terms[1:], terms[0]), self.bias
-
+        names = {'kxk': 'weight_kxk', '1x1': 'weight_1x1',
+                 '1x1_kxk.first': 'weight_1x1_kxk_idconv1',
+                 '1x1_kxk.second': 'weight_1x1_kxk_conv2', '1x1_avg': 'weight_1x1_avg',
+                 '1x1_freq': 'weight_1x1_freq', 'dw': 'weight_dw', 'pw': 'weight_pw'}
+        leaves = {n: getattr(self, a) for n, a in names.items() if hasattr(self, a)}
+        kernel = K.squeeze(b, leaves, self.scales, self.kernel_size[0], self.groups,
+                           self.in_channels,
+                           identity=self.identity if '1x1_kxk' in b else None,
+                           freq_prior=self.freq_prior if '1x1_freq' in b else None)
+        return kernel, self.bias
 
     def seeded_state(self, weight, bias):
         """The kxk branch absorbs what the other branches do not give (Sec. 3.4: every branch
@@ -266,16 +255,17 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
         return out
 
     def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """Eq. 4 with scaling; each scaling vector on the last factor of its branch."""
-        terms = []
+        """Eq. 4 with scaling; each scaling vector on the last factor of its branch (the
+        1x1-1x1 pair is the kernel functions' 1x1-kxk branch with k = 1 and no identity)."""
+        leaves = {}
         if '1x1' in self.branches:
-            terms.append(self._scaled('1x1', self.weight_1x1))
+            leaves['1x1'] = self.weight_1x1
         if '1x1_1x1' in self.branches:
-            terms.append(K.compose_1x1(self.weight_1x1_1x1_conv1,
-                                       self._scaled('1x1_1x1', self.weight_1x1_1x1_conv2),
-                                       self.groups))
-        return sum(terms[1:], terms[0]), self.bias
-
+            leaves['1x1_kxk.first'] = self.weight_1x1_1x1_conv1
+            leaves['1x1_kxk.second'] = self.weight_1x1_1x1_conv2
+        branches = tuple('1x1_kxk' if b == '1x1_1x1' else b for b in self.branches)
+        kernel = K.squeeze(branches, leaves, self.scales, 1, self.groups, self.in_channels)
+        return kernel, self.bias
 
     def seeded_state(self, weight, bias):
         """The 1x1 branch absorbs the difference; the 1x1-1x1 pair keeps its values."""
