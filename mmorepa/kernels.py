@@ -84,13 +84,22 @@ def compose_1x1(first: Tensor, second: Tensor, groups: int = 1, scale: Optional[
         second = second * scale.reshape(-1, 1, 1, 1)
     b = second.reshape(g, c2g, c1g, p).transpose(2, 3).reshape(g, c2g * p, c1g)
     out = torch.bmm(b, first.reshape(g, c1g, c0g)).reshape(g, c2g, p, c0g).transpose(2, 3)
+    return _kernel_or_accumulate(out, (c2, c0g, kh, kw), scale, accumulate)
+
+
+def _kernel_or_accumulate(out: Tensor, shape, scale: Optional[Tensor],
+                          accumulate: Optional[Tensor]) -> Tensor:
+    """A grouped product ``out`` ``(g, C_out // g, C_in // g, k * k)`` as the kernel of ``shape``,
+    or added into ``accumulate`` (that kernel's shape), scaled per output channel by ``scale``
+    on the way (one pass: Eq. 4's sum with the scaling of Sec. 3.2)."""
     if accumulate is None:
-        return out.reshape(c2, c0g, kh, kw)
-    acc = accumulate.view(g, c2g, c0g, p)
+        return out.reshape(shape)
+    g, og = out.shape[:2]
+    acc = accumulate.view(out.shape)
     if scale is None:
         acc.add_(out)
     else:
-        acc.addcmul_(out, scale.reshape(-1, 1, 1).expand(c2, 1, 1).reshape(g, c2g, 1, 1))
+        acc.addcmul_(out, scale.reshape(-1).expand(g * og).reshape(g, og, 1, 1))
     return accumulate
 
 
@@ -160,14 +169,7 @@ def dw_pw_to_full(depthwise: Tensor, pointwise: Tensor, in_channels: int, groups
     dw = depthwise.reshape(g * cig, m, p)
     pw = pointwise.reshape(g, og, cig, m).transpose(1, 2).reshape(g * cig, og, m)
     out = torch.bmm(pw, dw).reshape(g, cig, og, p).transpose(1, 2)  # (g, o, i, p)
-    if accumulate is None:
-        return out.reshape(c_out, cig, kh, kw)
-    acc = accumulate.view(g, og, cig, p)
-    if scale is None:
-        acc.add_(out)
-    else:
-        acc.addcmul_(out, scale.reshape(-1, 1, 1).expand(c_out, 1, 1).reshape(g, og, 1, 1))
-    return accumulate
+    return _kernel_or_accumulate(out, (c_out, cig, kh, kw), scale, accumulate)
 
 
 def identity_kernel(channels: int, groups: int = 1, k: int = 1, dtype=None, device=None) -> Tensor:
