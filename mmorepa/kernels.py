@@ -267,7 +267,6 @@ SQUEEZE_BRANCHES = ('kxk', '1x1', '1x1_kxk', '1x1_avg', '1x1_freq', 'dw_pw')
 # ``k x k`` second one; the first factor is ``identity + first`` when an identity is given).
 SQUEEZE_LEAVES = {'kxk': ('kxk', ), '1x1': ('1x1', ), '1x1_kxk': ('1x1_kxk.first', '1x1_kxk.second'),
                   '1x1_avg': ('1x1_avg', ), '1x1_freq': ('1x1_freq', ), 'dw_pw': ('dw', 'pw')}
-_SQUEEZE_IMPL = ['function']
 
 
 def _scale_col(scales: Optional[Tensor], row: int) -> Optional[Tensor]:
@@ -503,29 +502,9 @@ def squeeze(branches: Sequence[str], leaves: dict, scales: Optional[Tensor], ker
             freq_prior: Optional[Tensor] = None) -> Tensor:
     """The squeezed kernel of one OREPA layer (Eq. 4 with scaling; Eq. 3 / supp Eq. 2 per branch):
     the value of :func:`squeeze_reference`, computed by one autograd node that keeps only the
-    leaves for backward (see :class:`_Squeeze`). ``use_squeeze_impl('autograd')`` switches to
-    plain autograd through :func:`squeeze_reference` (for comparisons)."""
+    leaves for backward (see :class:`_Squeeze`). A layer whose ``squeeze_fn`` is set to
+    :func:`squeeze_reference` uses plain autograd instead (for comparisons)."""
     branches = tuple(branches)
-    if _SQUEEZE_IMPL[0] == 'autograd':
-        return squeeze_reference(branches, leaves, scales, kernel_size, groups, in_channels,
-                                 identity, freq_prior)
     names = tuple(n for b in branches for n in SQUEEZE_LEAVES[b])
     meta = (branches, kernel_size, groups, in_channels, names)
     return _Squeeze.apply(meta, scales, identity, freq_prior, *(leaves[n] for n in names))
-
-
-class use_squeeze_impl:
-    """Context manager (and setter): ``'function'`` (default, :class:`_Squeeze`) or
-    ``'autograd'`` (autograd through :func:`squeeze_reference`) for :func:`squeeze`."""
-
-    def __init__(self, impl: str):
-        if impl not in ('function', 'autograd'):
-            raise ValueError(f"squeeze impl must be 'function' or 'autograd', got {impl!r}")
-        self.previous = _SQUEEZE_IMPL[0]
-        _SQUEEZE_IMPL[0] = impl
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        _SQUEEZE_IMPL[0] = self.previous

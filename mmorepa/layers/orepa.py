@@ -51,6 +51,10 @@ def check_branches(branches, choices, name='branches') -> Tuple[str, ...]:
 class _ScaledBranches:
     """Mixin: per-branch linear scaling layers (Sec. 3.2), ``(M, C_out)``, ``(M, 1)`` or none."""
 
+    # the squeeze: one autograd node (default), or kernels.squeeze_reference (plain autograd) set
+    # on a layer to compare costs (tools/analysis/benchmark_train_cost.py --squeeze autograd)
+    squeeze_fn = staticmethod(K.squeeze)
+
     def _build_scales(self, branches, scaling, scale_init, defaults, out_channels):
         _check_choice(scaling, SCALINGS, 'scaling')
         init = dict(defaults)
@@ -192,7 +196,7 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
                  '1x1_kxk.second': 'weight_1x1_kxk_conv2', '1x1_avg': 'weight_1x1_avg',
                  '1x1_freq': 'weight_1x1_freq', 'dw': 'weight_dw', 'pw': 'weight_pw'}
         leaves = {n: getattr(self, a) for n, a in names.items() if hasattr(self, a)}
-        kernel = K.squeeze(b, leaves, self.scales, self.kernel_size[0], self.groups,
+        kernel = self.squeeze_fn(b, leaves, self.scales, self.kernel_size[0], self.groups,
                            self.in_channels,
                            identity=self.identity if '1x1_kxk' in b else None,
                            freq_prior=self.freq_prior if '1x1_freq' in b else None)
@@ -264,7 +268,7 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
             leaves['1x1_kxk.first'] = self.weight_1x1_1x1_conv1
             leaves['1x1_kxk.second'] = self.weight_1x1_1x1_conv2
         branches = tuple('1x1_kxk' if b == '1x1_1x1' else b for b in self.branches)
-        kernel = K.squeeze(branches, leaves, self.scales, 1, self.groups, self.in_channels)
+        kernel = self.squeeze_fn(branches, leaves, self.scales, 1, self.groups, self.in_channels)
         return kernel, self.bias
 
     def seeded_state(self, weight, bias):

@@ -119,13 +119,15 @@ def worker(spec: dict) -> dict:
     import torch.nn.functional as F
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
-    if spec.get('squeeze', 'function') != 'function':
-        from mmorepa import kernels
-        kernels.use_squeeze_impl(spec['squeeze'])  # for the rest of this process
     cuda = spec['device'] == 'cuda'
     device = torch.device(spec['device'])
     base_rss = _rss_mb()
     model = build_model(spec['arch'], spec['reparam'], spec.get('orepa_cfg')).to(device)
+    if spec.get('squeeze', 'function') == 'autograd':  # the squeeze before the autograd node
+        from mmorepa import kernels
+        for m in model.modules():
+            if hasattr(m, 'squeeze_fn'):
+                m.squeeze_fn = kernels.squeeze_reference
     b, s = spec['batch_size'], spec['input_size']
     x = torch.randn(b, 3, s, s, device=device)
     y = torch.randint(0, 1000, (b, ), device=device)
@@ -325,7 +327,7 @@ def plot_fig8(results, path, timing=True):
                lambda r: (r['saved_bytes'] + r['param_state_bytes']) / 2 ** 20),
               ('GFLOP per step', lambda r: r['flops'] / 1e9)]
     if timing:
-        panels = [(f'peak memory (MiB)', lambda r: r['peak_mb']),
+        panels = [('peak memory (MiB)', lambda r: r['peak_mb']),
                   ('time per step (s)', lambda r: r['step_s'])] + panels
     fig, axes = plt.subplots(len(archs), len(panels), squeeze=False,
                              figsize=(4.2 * len(panels), 3.6 * len(archs)))
