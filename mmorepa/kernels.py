@@ -327,13 +327,6 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).reshape(n)
 
 
-def _transpose_groups(first: Tensor, groups: int) -> Tensor:
-    """A grouped 1x1 kernel ``(C1, C0 // g, 1, 1)`` transposed per group: ``(C0, C1 // g, 1, 1)``."""
-    c1, c0g = first.shape[:2]
-    return first.reshape(groups, c1 // groups, c0g).transpose(1, 2).reshape(
-        groups * c0g, c1 // groups, 1, 1)
-
-
 def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, identity, freq_prior):
     """The value of :func:`squeeze_reference` (no autograd): the same kernel functions, each term
     scaled and added into one kernel in the pass that writes it."""

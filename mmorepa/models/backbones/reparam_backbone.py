@@ -91,7 +91,6 @@ class ReparamBackboneMixin:
             kwargs['deploy'] = deploy
         super().__init__(*args, **kwargs)
         self.deploy = deploy
-        self.reparam_conv_cfg = reparam_conv_cfg
         if reparam_conv_cfg is not None and not deploy:
             swap_convs_(self, reparam_conv_cfg)
 
