@@ -19,6 +19,9 @@ from .runtime import ToolError, check_input_file, check_input_shape, check_outpu
 # conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).
 CONV_TYPES = ('OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
               'DiverseBranchBlock')
+# The first line of the deploy configs that convert() writes: only such a file is replaced
+# without being named as the output.
+DEPLOY_CONFIG_HEADER = '# deploy config written by mmorepa (tools/deploy_convert.py)'
 
 
 class CheckpointError(ToolError, ValueError):
@@ -84,11 +87,57 @@ def check_state_dict_fits(model: nn.Module, state_dict: Dict[str, torch.Tensor],
 
 
 def load_checkpoint_strict(model: nn.Module, path) -> nn.Module:
-    """Load a checkpoint into ``model`` with ``strict=True`` and errors that name the bad key."""
+    """Load a checkpoint into ``model`` with ``strict=True`` and errors that name the bad key.
+    A checkpoint in plain form (a stock checkpoint, or a fused deploy checkpoint given with the
+    training config) loads where the model's re-parameterized layers seed from its plain conv
+    weights (``ReparamConv2d._load_from_state_dict``, exact); the first key that is still left
+    over after seeding is named."""
     state_dict = read_state_dict(path)
-    check_state_dict_fits(model, state_dict, str(path))
+    try:
+        check_state_dict_fits(model, state_dict, str(path))
+    except CheckpointError as mismatch:
+        if not _gives_plain_weights(model, state_dict):
+            raise CheckpointError(f'{mismatch}{_fused_hint(Path(path))}') from None
+        return _load_seeding(model, state_dict, Path(path))
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def _gives_plain_weights(model: nn.Module, state_dict) -> bool:
+    """Whether ``state_dict`` holds a plain conv ``weight`` for a re-parameterized layer."""
+    own = model.state_dict()
+    for key in state_dict:
+        if key not in own and key.endswith('.weight'):
+            try:
+                module = model.get_submodule(key[:-len('.weight')])
+            except AttributeError:
+                continue
+            if hasattr(module, 'seeded_state'):
+                return True
+    return False
+
+
+def _load_seeding(model: nn.Module, state_dict, path: Path) -> nn.Module:
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a size mismatch, or a plain weight that cannot seed its layer
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f'cannot load {path}: {lines[0]}{_fused_hint(path)}') from None
+    if result.unexpected_keys:
+        raise CheckpointError(f'unexpected key {result.unexpected_keys[0]!r} in {path}: the '
+                              f'model has no such entry{_fused_hint(path)}')
+    if result.missing_keys:
+        raise CheckpointError(f'missing key {result.missing_keys[0]!r} in {path}: the '
+                              f'checkpoint lacks it{_fused_hint(path)}')
+    return model
+
+
+def _fused_hint(path: Path) -> str:
+    """What to do with a fused checkpoint (written by :func:`convert`) that does not fit."""
+    meta = torch.load(path, map_location='cpu', weights_only=True).get('meta') or {}
+    if 'mmorepa_fused_from' not in meta:
+        return ''
+    return f'; {path} is a fused checkpoint: use the deploy config written beside it'
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -125,18 +174,22 @@ def deploy_config(cfg: Config) -> Config:
     """The deploy form of a training config: the same network without OREPA. mmorepa backbones
     become the toolbox's own (``OREPAResNet`` -> ``ResNet`` / ``ResNeXt``, ``OREPAVGG`` ->
     ``RepVGG(deploy=True)``), mmorepa ``conv_cfg`` types become plain convs, and the pretrained
-    initialisation goes (the fused checkpoint holds every weight). No mmorepa import is left:
-    the whole config is converted, helper variables of the config files included."""
+    initialisation goes (the fused checkpoint holds every weight). No mmorepa import is left
+    (the whole config is converted, helper variables of the config files included), except
+    where a backbone has no stock counterpart (``stage_blocks`` other than its depth's): that one
+    stays the mmorepa backbone with ``deploy=True`` (the stock blocks, plain convs)."""
     cfg = copy.deepcopy(cfg)
     init_default_scope(cfg.get('default_scope', None))
+    needs_mmorepa = False
     for key in list(cfg.keys()):
         value = cfg[key].to_dict() if hasattr(cfg[key], 'to_dict') else cfg[key]
         converted = _deploy_model_cfg(value)
         if key == 'model' or converted != value:  # a network: its weights are in the checkpoint
             _drop_key(converted, 'init_cfg')
+            needs_mmorepa = needs_mmorepa or _builds_mmorepa(converted)
         cfg[key] = converted
     imports = cfg.get('custom_imports')
-    if imports:
+    if imports and not needs_mmorepa:
         kept = [m for m in imports.get('imports', []) if m != 'mmorepa'
                 and not m.startswith('mmorepa.')]
         if kept:
@@ -145,6 +198,22 @@ def deploy_config(cfg: Config) -> Config:
             cfg.pop('custom_imports')
     cfg.load_from = None
     return cfg
+
+
+def _builds_mmorepa(node) -> bool:
+    """Whether a config node still names a type that mmorepa registers."""
+    if isinstance(node, (list, tuple)):
+        return any(_builds_mmorepa(v) for v in node)
+    if not isinstance(node, dict):
+        return False
+    if isinstance(node.get('type'), str):
+        try:
+            obj = MODELS.get(node['type'])
+        except Exception:  # noqa: BLE001 - not a model type (a transform, a hook, ...)
+            obj = None
+        if getattr(obj, '__module__', '').startswith('mmorepa'):
+            return True
+    return any(_builds_mmorepa(v) for v in node.values())
 
 
 def _drop_key(node, key):
@@ -182,7 +251,9 @@ def atomic_write(path, write_fn) -> Path:
         raise ToolError(f'cannot write {path}: it is a directory')
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=path.suffix, dir=path.parent)
+        # a short temporary name: any legal output name fits (NAME_MAX)
+        fd, tmp = tempfile.mkstemp(prefix='.mmorepa-', suffix=path.suffix[:16],
+                                   dir=path.parent)
     except OSError as e:
         raise ToolError(f'cannot write {path}: {e.strerror or e}') from None
     os.close(fd)
@@ -256,12 +327,20 @@ def check_model_input(model: nn.Module, input_shape, source) -> None:
         model.train(was_training)
 
 
+def _written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a deploy config that :func:`convert` wrote (its first line)."""
+    with open(path, errors='replace') as f:
+        return f.readline().startswith(DEPLOY_CONFIG_HEADER)
+
+
 def convert(config, checkpoint, output, input_shape=(2, 3, 128, 128),
-            cfg_options: Optional[dict] = None) -> Tuple[Path, Path, float]:
+            cfg_options: Optional[dict] = None,
+            deploy_config_path=None) -> Tuple[Path, Path, float]:
     """Fuse ``checkpoint`` of ``config`` into a stock-backbone checkpoint ``output`` and write the
-    deploy config beside it (``output`` with ``.py``). Returns both paths and the fusion error.
-    Arguments and both output locations are checked before any work; expected failures are
-    :class:`ToolError` (``CheckpointError`` included) naming the bad value or path."""
+    deploy config to ``deploy_config_path`` (default: beside it, ``output`` with ``.py``, which
+    is replaced only if it is a deploy config we wrote). Returns both paths and the fusion
+    error. Arguments and both output locations are checked before any work; expected failures
+    are :class:`ToolError` (``CheckpointError`` included) naming the bad value or path."""
     input_shape = check_input_shape(input_shape)
     config = check_input_file(config, 'config')
     checkpoint = check_input_file(checkpoint, 'checkpoint')
@@ -269,7 +348,14 @@ def convert(config, checkpoint, output, input_shape=(2, 3, 128, 128),
         raise ToolError(f'output {output} is where the deploy config (.py) goes: name the fused '
                         'checkpoint .pth')
     output = check_output_file(output, (config, checkpoint))
-    deploy_cfg_path = check_output_file(output.with_suffix('.py'), (config, checkpoint),
+    if deploy_config_path is None:
+        deploy_config_path = output.with_suffix('.py')
+        if deploy_config_path.is_file() and not _written_by_us(deploy_config_path):
+            raise ToolError(f'refusing to overwrite {deploy_config_path}: it is no deploy config '
+                            'written by mmorepa (name the deploy config with --out-config)')
+    elif Path(deploy_config_path).suffix != '.py':
+        raise ToolError(f'deploy config {deploy_config_path} must end in .py')
+    deploy_cfg_path = check_output_file(deploy_config_path, (config, checkpoint, output),
                                         'deploy config')
     cfg = read_config(config, cfg_options)
     model = build_model_of(cfg, config)
@@ -283,5 +369,6 @@ def convert(config, checkpoint, output, input_shape=(2, 3, 128, 128),
     check_state_dict_fits(stock, fused.state_dict(), 'the fused model vs the deploy config')
     meta = dict(mmorepa_fused_from=str(checkpoint), config=str(config), fusion_rel_err=err)
     atomic_write(output, lambda p: torch.save(dict(state_dict=fused.state_dict(), meta=meta), p))
-    atomic_write(deploy_cfg_path, lambda p: stock_cfg.dump(p))
+    atomic_write(deploy_cfg_path, lambda p: Path(p).write_text(
+        f'{DEPLOY_CONFIG_HEADER} from {checkpoint}\n{stock_cfg.pretty_text}'))
     return output, deploy_cfg_path, err
