@@ -9,9 +9,13 @@ convolves once. It owns its fusion:
 - ``to_conv2d()`` returns that plain ``nn.Conv2d`` (what :func:`mmorepa.reparameterize` puts in
   the layer's place).
 
-In eval mode the squeezed kernel is cached until a parameter or buffer changes (identity, storage
-and version counter are checked on every call, so an optimizer step, ``load_state_dict`` or ``.to()``
-invalidate it). Train mode always regenerates the kernel.
+In eval mode (without gradients) the fused kernel is cached together with a copy of the values it
+was computed from, and every call compares the layer's parameters and buffers with that copy
+(:func:`_same_values`). Any change of a value invalidates it, whatever made it: an optimizer step of
+any kind (foreach and fused kernels do not always bump tensors' version counters), writes through
+``param.data`` (mmengine's EMA), ``load_state_dict``, ``copy_`` under ``no_grad``, ``.to()``. The
+check reads each parameter once, a small fraction of the squeeze it saves. Train mode always
+regenerates the kernel; under ``torch.compile`` tracing the kernel is computed in the graph.
 """
 import contextlib
 import logging
@@ -82,6 +86,26 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality of two tensors of one shape and dtype (compared as integers: exact for
+    NaN and signed zeros, and about twice as fast as a floating-point ``torch.equal``)."""
+    bits = _BITS.get(a.element_size())
+    if bits is None or a.is_complex():
+        return torch.equal(a, b)
+    return torch.equal(a.view(bits), b.view(bits))
+
+
+def _same_values(snapshot, tensors) -> bool:
+    """Whether ``tensors`` hold exactly the values (shape, dtype, device and bits) of
+    ``snapshot``: the eval kernel cache's validity check."""
+    return len(snapshot) == len(tensors) and all(
+        s.shape == t.shape and s.dtype == t.dtype and s.device == t.device and _same_bits(s, t)
+        for s, t in zip(snapshot, tensors))
+
+
 class ReparamConv2d(nn.Module):
     """Base of the conv layers whose kernel is squeezed from training-time branches.
 
@@ -140,23 +164,25 @@ class ReparamConv2d(nn.Module):
     def _conv(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _cache_key(self):
-        return tuple((t, t._version, t.data_ptr())
-                     for t in list(self.parameters()) + list(self.buffers()))
+    def _state_tensors(self):
+        return list(self.parameters()) + list(self.buffers())
 
     def _cached_fused(self) -> Tuple[Tensor, Optional[Tensor]]:
-        key = self._cache_key()
+        """The fused kernel and bias, recomputed unless every parameter and buffer still holds
+        the values it was computed from. Cached tensors are ordinary tensors even when computed
+        under ``torch.inference_mode`` (a later forward may save them for backward)."""
+        tensors = self._state_tensors()
         cache = self._kernel_cache
-        if cache is not None and len(cache[0]) == len(key) and all(
-                a[0] is b[0] and a[1] == b[1] and a[2] == b[2] for a, b in zip(cache[0], key)):
+        if cache is not None and _same_values(cache[0], tensors):
             return cache[1]
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             fused = self.fused_kernel_and_bias()
-        self._kernel_cache = (key, fused)
+            snapshot = [t.detach().clone() for t in tensors]
+        self._kernel_cache = (snapshot, fused)
         return fused
 
     def clear_kernel_cache(self):
-        """Drop the eval-mode kernel cache (needed only after edits through ``param.data``)."""
+        """Drop the eval-mode kernel cache (frees its memory; never needed for correctness)."""
         self._kernel_cache = None
 
     def train(self, mode: bool = True):
@@ -174,7 +200,10 @@ class ReparamConv2d(nn.Module):
         if not self.training and norm_frozen and self.fold_norm_in_eval:
             needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
             with _autocast_off(x.device.type):
-                kernel, bias = self.fused_kernel_and_bias() if needs_grad else self._cached_fused()
+                if needs_grad or torch.compiler.is_compiling():
+                    kernel, bias = self.fused_kernel_and_bias()
+                else:
+                    kernel, bias = self._cached_fused()
             return self._conv(x, kernel, bias)
         with _autocast_off(x.device.type):
             kernel, bias = self.squeeze()
