@@ -241,8 +241,32 @@ class ReparamConv2d(nn.Module):
         if (not self.deploy and self.bn is None and prefix + 'weight' in state_dict
                 and not any(prefix + k in state_dict for k in own)):
             self._seed_from_plain(state_dict, prefix, error_msgs)
+        else:
+            self._check_own_entries(state_dict, prefix, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _check_own_entries(self, state_dict, prefix, error_msgs):
+        """A checkpoint of another re-parameterization (other OREPA branches, DBB, Rep-1x1 vs a
+        plain 1x1, a fused layer ...) holds some of this layer's entries and others of its own:
+        it does not load. Name the layer and the entries that differ (``error_msgs``: mmengine
+        reports them with its key warnings, ``load_state_dict`` raises). Entries of inner
+        re-parameterizable layers (the deep stem's generators) are checked by those layers."""
+        inner = tuple(f'{n}.' for n, m in self.named_modules()
+                      if n and isinstance(m, ReparamConv2d))
+        given = {k[len(prefix):] for k in state_dict
+                 if k.startswith(prefix) and not k[len(prefix):].startswith(inner)}
+        if not given:
+            return  # the layer is absent: the usual missing-key report
+        expected = {k for k in self.state_dict() if not k.startswith(inner)}
+        extra = sorted(given - expected)
+        missing = sorted(k for k in expected - given if not k.endswith('num_batches_tracked'))
+        if extra or missing:
+            error_msgs.append(
+                f'{prefix[:-1] or "layer"} ({type(self).__name__}): the checkpoint\'s entries '
+                'are those of another re-parameterization (other branches, DBB, a fused or '
+                f'plain layer): it has {extra or "nothing"} that this layer lacks and lacks '
+                f'{missing or "nothing"}; this layer is not loaded from it')
 
     def _seed_from_plain(self, state_dict, prefix, error_msgs):
         from mmengine.logging import print_log
