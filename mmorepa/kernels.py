@@ -364,6 +364,10 @@ def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, ident
 def _permuted(src: Tensor, dims, scale: Optional[Tensor] = None) -> Tensor:
     """``src.permute(dims)`` made contiguous, times ``scale`` (broadcast), in one pass."""
     view = src.permute(dims)
+    if scale is not None and torch.compiler.is_compiling():
+        # traced, ``mul(out=)`` becomes a functional ``mul`` with the strides of ``view``, which
+        # the reshapes after it cannot view; the compiler fuses this into one pass anyway
+        return (view * scale).contiguous()
     out = torch.empty(view.shape, dtype=src.dtype, device=src.device)
     if scale is None:
         return out.copy_(view)

@@ -143,3 +143,35 @@ model = dict(type='ImageClassifier',
     with pytest.raises(SystemExit, match='checkpoint not found'):
         bs.main([str(cfg_path), str(tmp_path / 'missing.pth')])
 
+
+
+def test_benchmark_regimes_build_the_stock_classifier_with_conv_cfg(tmp_path):
+    """--regimes: mmpretrain's ImageClassifier with the stock backbone class, plain / DBB /
+    OREPA (auto) / OREPA (kernel route) through conv_cfg; the ratio plot against batch x pixels."""
+    import benchmark_train_cost as bench
+    from mmpretrain.models.backbones import ResNet_CIFAR
+
+    from mmorepa.layers import DiverseBranchBlock, OREPAConv2d
+    args = bench.argparse.Namespace(regimes=['cifar-r18-b16', 'in-r50-224px'], variants=None)
+    todo = list(bench.variants(args))
+    assert [(v['regime'], v['label']) for v in todo] == [
+        (r, v) for r in args.regimes for v in ('plain', 'dbb', 'orepa', 'orepa-kernel')]
+    layers = {}
+    for variant in bench.REGIME_VARIANTS:
+        model, batch, size, classes = bench.build_regime_model('cifar-r18-b16', variant)
+        assert (batch, size, classes) == (16, 32, 10)
+        assert type(model.classifier.backbone) is ResNet_CIFAR
+        layers[variant] = model.classifier.backbone.layer4[1].conv2
+    assert type(layers['plain']) is torch.nn.Conv2d
+    assert isinstance(layers['dbb'], DiverseBranchBlock)
+    assert isinstance(layers['orepa'], OREPAConv2d) and layers['orepa'].route == 'auto'
+    assert layers['orepa-kernel'].route == 'kernel'
+    # layer4 of the CIFAR ResNet-18 at batch 16: 4 x 4 positions, the feature route is cheaper
+    x = torch.randn(16, 512, 4, 4, requires_grad=True)
+    assert layers['orepa'].pair_route(x) == 'feature'
+    assert layers['orepa-kernel'].pair_route(x) == 'kernel'
+    rows = [dict(regime=r, label=v, time_ratio=t, flops_ratio=1.0)
+            for r, v, t in [('cifar-r18-b16', 'orepa', 1.3), ('cifar-r18-b16', 'orepa-kernel', 2.0),
+                            ('in-r50-224px', 'orepa', 1.1)]]
+    out = bench.plot_regimes(rows, str(tmp_path / 'ratio.png'))
+    assert Path(out).stat().st_size > 5000

@@ -4,11 +4,12 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
 from .. import kernels as K
-from .base import ReparamConv2d, _pair_square
+from .base import ReparamConv2d, _autocast_off, _pair_square
 from .offline import DiverseBranchBlock
 
 # Branch names, in the row order of the scaling vector (the order of the official checkpoints).
@@ -19,6 +20,12 @@ SCALINGS = ('vector', 'scalar', 'none')
 # Rep-1x1 branches (Sec. 3.5): a 1x1 and a 1x1-1x1 whose square factor starts as the identity.
 REP1X1_BRANCHES = ('1x1', '1x1_1x1')
 REP1X1_SCALE_INIT = {'1x1': 1.0, '1x1_1x1': 0.5}
+# How a training step computes the branch whose kernel composition costs C^3 (the 1x1-kxk pair,
+# Rep-1x1's 1x1-1x1): composing its kernels, on the feature maps, or whichever costs fewer
+# multiply-adds (forward and backward) for the input's shape.
+ROUTES = ('auto', 'kernel', 'feature')
+# the kernel functions' name of that pair (Rep-1x1's 1x1-1x1 is their 1x1-kxk with k = 1)
+PAIR = '1x1_kxk'
 
 
 def _conv_init_(weight: Tensor) -> Tensor:
@@ -54,6 +61,107 @@ class _ScaledBranches:
     # the squeeze: one autograd node (default), or kernels.squeeze_reference (plain autograd) set
     # on a layer to compare costs (tools/analysis/benchmark_train_cost.py --squeeze autograd)
     squeeze_fn = staticmethod(K.squeeze)
+
+    def _squeeze_terms(self):
+        """The squeeze's inputs in the kernel functions' names: ``(branches, leaves, identity,
+        freq_prior)`` (see :func:`mmorepa.kernels.squeeze`), branches in the rows' order."""
+        raise NotImplementedError
+
+    def squeeze(self, without_pair: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Eq. 4 with the scaling layers of Sec. 3.2, ``sum_m gamma_m * W_m``, computed cheaply:
+        scaling output channels commutes with composing on the input side, so each branch's
+        scaling vector goes onto its last (smallest) factor and no branch kernel is stacked.
+        Equal to ``scaled_sum(branch_kernels(), scales)``; one autograd node
+        (:func:`mmorepa.kernels.squeeze`) that keeps only the parameters for backward.
+
+        ``without_pair``: the sum without the 1x1-kxk (Rep-1x1: 1x1-1x1) pair, which the feature
+        route computes on the feature maps (kernel ``None`` if the pair is the only branch)."""
+        branches, leaves, identity, prior = self._squeeze_terms()
+        scales = self.scales
+        if without_pair and PAIR in branches:
+            rows = [i for i, b in enumerate(branches) if b != PAIR]
+            if not rows:
+                return None, self.bias
+            scales = None if scales is None else scales[rows]
+            branches = tuple(branches[i] for i in rows)
+            leaves = {n: t for n, t in leaves.items() if not n.startswith(PAIR)}
+            identity = None
+        kernel = self.squeeze_fn(branches, leaves, scales, self.kernel_size[0], self.groups,
+                                 self.in_channels, identity=identity, freq_prior=prior)
+        return kernel, self.bias
+
+    def _set_route(self, route: str):
+        _check_choice(route, ROUTES, 'route')
+        self.route = route
+
+    def pair_costs(self, input_shape, input_needs_grad: bool = True) -> Dict[str, int]:
+        """Multiply-adds of one training step (forward and backward) spent on the 1x1-kxk pair
+        (``first`` ``(C_mid, C_in / g, 1, 1)`` then ``second`` ``(C_out, C_mid / g, k, k)``) for
+        an input of ``input_shape`` ``(N, C_in, H, W)``, by route, from the shapes alone:
+
+        - ``'kernel'``: composing them (Eq. 3, supp Eq. 2), ``C_out k^2 C_mid/g C_in/g``, and the
+          two products of its backward (the rest is the conv every route runs once);
+        - ``'feature'``: the 1x1 conv on the input and the ``k x k`` conv on its output, each
+          with a weight gradient and a gradient of its input (the layer's input: if it needs one).
+        """
+        branches, leaves, _, _ = self._squeeze_terms()
+        if PAIR not in branches:
+            return dict(kernel=0, feature=0)
+        first, second = leaves[PAIR + '.first'], leaves[PAIR + '.second']
+        c_mid, c_in_g = first.shape[:2]
+        c_out, c_mid_g, k = second.shape[0], second.shape[1], second.shape[-1]
+        n, _, h, w = input_shape
+        (s, p, d) = self.stride[0], self.padding[0], self.dilation[0]
+        h_out, w_out = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
+        mid_positions = n * (h_out * w_out if self._stride_first() else h * w)
+        mid = mid_positions * c_mid * c_in_g
+        branch = n * h_out * w_out * c_out * c_mid_g * k * k
+        return dict(kernel=3 * c_out * k * k * c_mid_g * c_in_g,
+                    feature=(2 + bool(input_needs_grad)) * mid + 3 * branch)
+
+    def pair_route(self, x: Tensor) -> str:
+        """``'kernel'`` or ``'feature'``: how a training step on ``x`` computes the pair."""
+        if PAIR not in self._squeeze_terms()[0]:
+            return 'kernel'
+        if self.route != 'auto':
+            return self.route
+        cost = self.pair_costs(x.shape, x.requires_grad)
+        return 'feature' if cost['feature'] < cost['kernel'] else 'kernel'
+
+    def _stride_first(self) -> bool:
+        """A 1x1 pair without padding takes the stride in its first conv (fewer positions)."""
+        return self.kernel_size[0] == 1 and self.padding[0] == 0
+
+    def _pair_on_features(self, x: Tensor) -> Tensor:
+        """The scaled 1x1-kxk pair applied to ``x`` as two convs (the feature route). Exact: the
+        first factor is a 1x1 conv without bias, which commutes with zero padding."""
+        branches, leaves, identity, _ = self._squeeze_terms()
+        with _autocast_off(x.device.type):
+            first = leaves[PAIR + '.first']
+            first = first if identity is None else identity + first
+            second = leaves[PAIR + '.second']
+            if self.scales is not None:
+                second = second * self.scales[branches.index(PAIR)].reshape(-1, 1, 1, 1)
+        g = self.groups
+        if self._stride_first():
+            return F.conv2d(F.conv2d(x, first, None, self.stride, 0, 1, g), second, None, 1, 0,
+                            1, g)
+        return self._conv(F.conv2d(x, first, None, 1, 0, 1, g), second, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """In training, the pair on the feature maps where :meth:`pair_route` says so: the conv
+        of the other branches' squeezed kernel plus the pair, the same sum before the norm.
+        Otherwise (eval, deploy, the kernel route) :meth:`ReparamConv2d.forward`."""
+        if not self.training or self.deploy or self.pair_route(x) == 'kernel':
+            return super().forward(x)
+        with _autocast_off(x.device.type):
+            kernel, bias = self.squeeze(without_pair=True)
+        out = self._pair_on_features(x)
+        if kernel is not None:
+            out = self._conv(x, kernel, bias) + out
+        elif bias is not None:
+            out = out + bias.reshape(1, -1, 1, 1)
+        return self.bn(out) if self.bn is not None else out
 
     def _build_scales(self, branches, scaling, scale_init, defaults, out_channels):
         _check_choice(scaling, SCALINGS, 'scaling')
@@ -122,11 +230,12 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
                  dilation=1, groups: int = 1, bias: bool = False,
                  branches: Sequence[str] = BRANCHES, scaling: str = 'vector',
                  scale_init: Optional[Dict[str, float]] = None, norm_cfg: Optional[dict] = None,
-                 dw_expansion: int = 8, deploy: bool = False):
+                 dw_expansion: int = 8, deploy: bool = False, route: str = 'auto'):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, deploy)
         # Canonical order, whatever order the caller used.
         self.branches = check_branches(branches, BRANCHES)
+        self._set_route(route)
         if isinstance(dw_expansion, bool) or not isinstance(dw_expansion, int) or dw_expansion < 1:
             raise ValueError(f'dw_expansion must be a positive int, got {dw_expansion!r}')
         _check_choice(scaling, SCALINGS, 'scaling')
@@ -184,23 +293,15 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
                 out[b] = K.dw_pw_to_full(self.weight_dw, self.weight_pw, self.in_channels, g)
         return out
 
-    def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """Eq. 4 with the scaling layers of Sec. 3.2, ``sum_m gamma_m * W_m``, computed cheaply:
-        scaling output channels commutes with composing on the input side, so each branch's
-        scaling vector goes onto its last (smallest) factor and no branch kernel is stacked.
-        Equal to ``scaled_sum(branch_kernels(), scales)``; one autograd node
-        (:func:`mmorepa.kernels.squeeze`) that keeps only the parameters for backward."""
+    def _squeeze_terms(self):
         b = self.branches
         names = {'kxk': 'weight_kxk', '1x1': 'weight_1x1',
                  '1x1_kxk.first': 'weight_1x1_kxk_idconv1',
                  '1x1_kxk.second': 'weight_1x1_kxk_conv2', '1x1_avg': 'weight_1x1_avg',
                  '1x1_freq': 'weight_1x1_freq', 'dw': 'weight_dw', 'pw': 'weight_pw'}
         leaves = {n: getattr(self, a) for n, a in names.items() if hasattr(self, a)}
-        kernel = self.squeeze_fn(b, leaves, self.scales, self.kernel_size[0], self.groups,
-                           self.in_channels,
-                           identity=self.identity if '1x1_kxk' in b else None,
-                           freq_prior=self.freq_prior if '1x1_freq' in b else None)
-        return kernel, self.bias
+        return (b, leaves, self.identity if '1x1_kxk' in b else None,
+                self.freq_prior if '1x1_freq' in b else None)
 
     def seeded_state(self, weight, bias):
         """The kxk branch absorbs what the other branches do not give (Sec. 3.4: every branch
@@ -220,12 +321,13 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
                  dilation=1, groups: int = 1, bias: bool = False,
                  branches: Sequence[str] = REP1X1_BRANCHES, scaling: str = 'vector',
                  scale_init: Optional[Dict[str, float]] = None, norm_cfg: Optional[dict] = None,
-                 deploy: bool = False):
+                 deploy: bool = False, route: str = 'auto'):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, deploy)
         if self.kernel_size != (1, 1):
             raise ValueError(f'OREPAConv1x1 needs kernel_size=1, got {kernel_size!r}')
         self.branches = check_branches(branches, REP1X1_BRANCHES)
+        self._set_route(route)
         _check_choice(scaling, SCALINGS, 'scaling')
         if deploy:
             self._init_deploy(bias or norm_cfg is not None)
@@ -258,18 +360,15 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
                                            self.groups)
         return out
 
-    def squeeze(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """Eq. 4 with scaling; each scaling vector on the last factor of its branch (the
-        1x1-1x1 pair is the kernel functions' 1x1-kxk branch with k = 1 and no identity)."""
+    def _squeeze_terms(self):
+        """The 1x1-1x1 pair is the kernel functions' 1x1-kxk branch with k = 1, no identity."""
         leaves = {}
         if '1x1' in self.branches:
             leaves['1x1'] = self.weight_1x1
         if '1x1_1x1' in self.branches:
             leaves['1x1_kxk.first'] = self.weight_1x1_1x1_conv1
             leaves['1x1_kxk.second'] = self.weight_1x1_1x1_conv2
-        branches = tuple('1x1_kxk' if b == '1x1_1x1' else b for b in self.branches)
-        kernel = self.squeeze_fn(branches, leaves, self.scales, 1, self.groups, self.in_channels)
-        return kernel, self.bias
+        return tuple(PAIR if b == '1x1_1x1' else b for b in self.branches), leaves, None, None
 
     def seeded_state(self, weight, bias):
         """The 1x1 branch absorbs the difference; the 1x1-1x1 pair keeps its values."""
@@ -338,7 +437,7 @@ def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
           groups: int = 1, bias: bool = True, branches: Sequence[str] = BRANCHES,
           rep1x1_branches: Sequence[str] = REP1X1_BRANCHES, scaling: str = 'vector',
           rep_1x1: bool = True, linear_deep_stem: bool = True, norm_cfg: Optional[dict] = None,
-          deploy: bool = False) -> nn.Module:
+          deploy: bool = False, route: str = 'auto') -> nn.Module:
     """The ``conv_cfg`` type: ``nn.Conv2d``'s signature, the OREPA layer chosen by kernel size.
 
     1: :class:`OREPAConv1x1` (Rep-1x1, branches ``rep1x1_branches``; a plain ``nn.Conv2d`` with
@@ -346,12 +445,15 @@ def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
     (the linear deep stem, generators with ``branches``; a plain ``nn.Conv2d`` with
     ``linear_deep_stem=False``). ``conv_cfg=dict(type='OREPA')`` turns a stock ResNet into an
     OREPA-ResNet; the other keys (``branches``, ``scaling``, ``rep_1x1``, ``linear_deep_stem``)
-    select the ablations of Tables 2 and 3. Every option is checked whatever the kernel size.
+    select the ablations of Tables 2 and 3; ``route`` (``'auto' | 'kernel' | 'feature'``) how
+    training computes the 1x1-kxk and 1x1-1x1 pairs (the deep stem's generators are kernels only,
+    always composed). Every option is checked whatever the kernel size.
     """
     k = _pair_square(kernel_size, 'kernel_size')
     check_branches(branches, BRANCHES)
     check_branches(rep1x1_branches, REP1X1_BRANCHES, 'rep1x1_branches')
     _check_choice(scaling, SCALINGS, 'scaling')
+    _check_choice(route, ROUTES, 'route')
     common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
     plain = (k == 1 and not rep_1x1) or (k >= 5 and not linear_deep_stem)
     if plain or deploy:  # deployed: a layer's own norm leaves a bias
@@ -359,10 +461,10 @@ def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                            **dict(common, bias=bias or (deploy and norm_cfg is not None)))
     if k == 1:
         return OREPAConv1x1(in_channels, out_channels, 1, branches=rep1x1_branches,
-                            scaling=scaling, norm_cfg=norm_cfg, **common)
+                            scaling=scaling, norm_cfg=norm_cfg, route=route, **common)
     if k == 3:
         return OREPAConv2d(in_channels, out_channels, 3, branches=branches, scaling=scaling,
-                           norm_cfg=norm_cfg, **common)
+                           norm_cfg=norm_cfg, route=route, **common)
     if k >= 5 and k % 2:
         return OREPALargeConv(in_channels, out_channels, k, norm_cfg=norm_cfg, **common,
                               generator_cfg=dict(branches=branches, scaling=scaling))

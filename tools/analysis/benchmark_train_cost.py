@@ -12,6 +12,13 @@ ratios to the plain model of the same architecture. On a GPU: CUDA events and
 ``max_memory_allocated``; on the CPU: wall clock and the peak resident memory of the process.
 ``--components`` adds the OREPA components one at a time (Fig. 8); ``--eval`` times the eval-mode
 forward of the un-fused model against the fused one.
+
+``--regimes`` measures mmpretrain's ``ImageClassifier`` with the stock backbone class
+(``ResNet_CIFAR`` / ``ResNet``) built plain, with ``conv_cfg=dict(type='DBB')``, with
+``conv_cfg=dict(type='OREPA')`` (route ``'auto'``) and with ``route='kernel'`` (every pair
+composed as kernels), in the regimes of :data:`REGIMES` (batch, image size); ``--compile`` runs
+the training step through ``torch.compile`` (compile time is in the warm-up steps). ``--plot``
+then draws OREPA's step-time ratio against batch x output pixels of the last stage.
 """
 import argparse
 import json
@@ -26,6 +33,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+# name: (backbone type, depth, batch, image size, classes, last stage's output pixels)
+REGIMES = {
+    'cifar-r18-b16': ('ResNet_CIFAR', 18, 16, 32, 10, 4 * 4),
+    'cifar-r18-b128': ('ResNet_CIFAR', 18, 128, 32, 10, 4 * 4),
+    'in-r18-64px': ('ResNet', 18, 32, 64, 1000, 2 * 2),
+    'in-r18-224px': ('ResNet', 18, 32, 224, 1000, 7 * 7),
+    'in-r50-224px': ('ResNet', 50, 32, 224, 1000, 7 * 7),
+}
+# variant label: conv_cfg of the stock backbone
+REGIME_VARIANTS = {'plain': None, 'dbb': dict(type='DBB'), 'orepa': dict(type='OREPA'),
+                   'orepa-kernel': dict(type='OREPA', route='kernel')}
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'repvgg-A0', 'repvgg-A1', 'repvgg-A2')
 # Fig. 8 / Table 2: OREPA components added one at a time (ResNet).
 COMPONENTS = [
@@ -70,6 +88,34 @@ def build_model(arch: str, reparam: str, orepa_cfg=None):
             return self.fc(self.pool(self.backbone(x)[-1]).flatten(1))
 
     return Classifier()
+
+
+def build_regime_model(regime: str, variant: str):
+    """mmpretrain's ``ImageClassifier`` of ``regime`` with the stock backbone class and the
+    ``conv_cfg`` of ``variant`` (:data:`REGIME_VARIANTS`); returns ``(model, batch, size)``."""
+    import torch.nn as nn
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    import mmorepa  # noqa: F401
+    backbone, depth, batch, size, classes, _ = REGIMES[regime]
+    init_default_scope('mmpretrain')
+    model = MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type=backbone, depth=depth, conv_cfg=REGIME_VARIANTS[variant]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=classes,
+                  in_channels=512 if depth < 50 else 2048)))
+
+    class Logits(nn.Module):  # the classifier's logits ('tensor' mode), a plain module
+        def __init__(self):
+            super().__init__()
+            self.classifier = model
+
+        def forward(self, x):
+            return self.classifier(x, mode='tensor')
+
+    return Logits(), batch, size, classes
 
 
 def count_step(model, x, y):
@@ -122,7 +168,13 @@ def worker(spec: dict) -> dict:
     cuda = spec['device'] == 'cuda'
     device = torch.device(spec['device'])
     base_rss = _rss_mb()
-    model = build_model(spec['arch'], spec['reparam'], spec.get('orepa_cfg')).to(device)
+    classes = 1000
+    if spec.get('regime'):
+        model, spec['batch_size'], spec['input_size'], classes = build_regime_model(
+            spec['regime'], spec['reparam'])
+        model = model.to(device)
+    else:
+        model = build_model(spec['arch'], spec['reparam'], spec.get('orepa_cfg')).to(device)
     if spec.get('squeeze', 'function') == 'autograd':  # the squeeze before the autograd node
         from mmorepa import kernels
         for m in model.modules():
@@ -130,7 +182,7 @@ def worker(spec: dict) -> dict:
                 m.squeeze_fn = kernels.squeeze_reference
     b, s = spec['batch_size'], spec['input_size']
     x = torch.randn(b, 3, s, s, device=device)
-    y = torch.randint(0, 1000, (b, ), device=device)
+    y = torch.randint(0, classes, (b, ), device=device)
     model.eval()
     with torch.no_grad():
         model(x[:1])  # materialise the lazy head
@@ -158,9 +210,11 @@ def worker(spec: dict) -> dict:
                 times.append(time.perf_counter() - t)
         return times
 
+    run = torch.compile(model) if spec.get('compile') else model
+
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(run(x), y).backward()
         opt.step()
 
     model.train()
@@ -176,7 +230,10 @@ def worker(spec: dict) -> dict:
     else:
         out['peak_mb'] = _rss_mb()
         out['base_mb'] = base_rss
-    out.update(count_step(model, x, y))  # after the timed steps: no effect on time or peak
+    if spec.get('profile'):
+        out['profile'] = profile_steps(step, spec['profile'])
+    out.update(count_step(model, x, y))  # after the timed steps (eager): no effect on them
+    out['routes'] = _routes(model, x)
     if spec.get('eval'):
         import mmorepa
         model.eval()
@@ -191,17 +248,57 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def profile_steps(step, n: int, rows: int = 15) -> str:
+    """``torch.profiler``'s table of ``n`` training steps: the top operators by self CPU time,
+    and the share of the OREPA squeeze (its autograd node, forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    squeeze = {e.key: e.cpu_time_total for e in events if '_Squeeze' in e.key}
+    lines = [events.table(sort_by='self_cpu_time_total', row_limit=rows)]
+    lines += [f'{k}: {v / total:.1%} of the self CPU time' for k, v in squeeze.items()]
+    return '\n'.join(lines)
+
+
+def _routes(model, x) -> dict:
+    """How many OREPA layers take each route for the pair in a training step on ``x``."""
+    import torch
+    seen = {}
+
+    def hook(module, args):
+        if hasattr(module, 'pair_route'):
+            route = module.pair_route(args[0])
+            seen[route] = seen.get(route, 0) + 1
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if hasattr(m, 'pair_route')]
+    model.train()
+    with torch.no_grad():
+        model(x)  # BN statistics move: the counters and timings are done
+    for h in handles:
+        h.remove()
+    return seen
+
+
 def run_variant(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']),
                MKL_NUM_THREADS=str(spec['threads']))
     proc = subprocess.run([sys.executable, __file__, '--worker', json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
-        raise SystemExit(f'variant {spec["arch"]}/{spec["reparam"]} failed:\n{proc.stderr[-3000:]}')
+        raise SystemExit(f'variant {spec["arch"]}/{spec["reparam"]} failed:\n'
+                         f'{proc.stderr[-3000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def variants(args):
+    if getattr(args, 'regimes', None):
+        for regime in args.regimes:
+            for variant in args.variants or list(REGIME_VARIANTS):
+                yield dict(arch=regime, regime=regime, reparam=variant, label=variant)
+        return
     for arch in args.archs:
         vgg = arch.startswith('repvgg')
         reparams = args.reparams or (['none', 'repvgg', 'orepa'] if vgg else
@@ -231,6 +328,16 @@ def main(argv=None):
                         help='processes per variant (interleaved); the fastest is reported')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda if present)')
     parser.add_argument('--components', action='store_true', help='Fig. 8: one at a time')
+    parser.add_argument('--regimes', nargs='+', choices=list(REGIMES),
+                        help="mmpretrain's ImageClassifier, stock backbone with conv_cfg, in "
+                        "these regimes (batch and image size fixed by the regime)")
+    parser.add_argument('--variants', nargs='+', choices=list(REGIME_VARIANTS),
+                        help='with --regimes: the variants (default: all)')
+    parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                        help='print torch.profiler\'s top operators over this many steps '
+                        '(after the timed ones)')
+    parser.add_argument('--compile', action='store_true',
+                        help='train through torch.compile (default backend)')
     parser.add_argument('--eval', action='store_true', help='also time eval un-fused vs fused')
     parser.add_argument('--squeeze', default='function', choices=['function', 'autograd'],
                         help="the OREPA squeeze: one autograd node with its own backward "
@@ -252,7 +359,7 @@ def main(argv=None):
         args.steps, args.warmup, args.repeats, args.eval = 0, 0, 1, False
     common = dict(batch_size=args.batch_size, input_size=args.input_size, steps=args.steps,
                   warmup=args.warmup, threads=args.threads, device=device, eval=args.eval,
-                  squeeze=args.squeeze)
+                  squeeze=args.squeeze, compile=args.compile, profile=args.profile)
     todo = list(variants(args))
     runs = [[] for _ in todo]
     for rep in range(args.repeats):
@@ -271,28 +378,35 @@ def main(argv=None):
             best['eval_unfused_s'] = min(r['eval_unfused_s'] for r in measured)
             best['eval_fused_s'] = min(r['eval_fused_s'] for r in measured)
         results.append(best)
-    plain = {r['arch']: r for r in results if r['reparam'] == 'none'}
+    plain = {r['arch']: r for r in results if r['reparam'] in ('none', 'plain')}
     for r in results:
         p = plain.get(r['arch'])
         r['time_ratio'] = r['step_s'] / p['step_s'] if p else None
         r['mem_ratio'] = r['peak_mb'] / p['peak_mb'] if p else None
         r['flops_ratio'] = r['flops'] / p['flops'] if p else None
         r['saved_ratio'] = r['saved_bytes'] / p['saved_bytes'] if p else None
-    print(f'counters of one training step, batch {args.batch_size}, input {args.input_size} '
-          '(the same on any machine)')
+    if args.regimes:
+        print('counters of one training step per regime (the same on any machine)')
+    else:
+        print(f'counters of one training step, batch {args.batch_size}, input '
+              f'{args.input_size} (the same on any machine)')
     head = ('| arch | re-param | params (M) | GFLOP | x plain | saved for backward MiB | x plain '
             '| weights+grads+momentum MiB |')
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     for r in results:
-        print(f'| {r["arch"]} | {r["label"]} | {r["params"] / 1e6:.2f} | {r["flops"] / 1e9:.1f} | '
+        routes = ', '.join(f'{n} {k}' for k, n in sorted(r.get('routes', {}).items()))
+        print(f'| {r["arch"]} | {r["label"]}{" (" + routes + ")" if routes else ""} | '
+              f'{r["params"] / 1e6:.2f} | {r["flops"] / 1e9:.1f} | '
               f'{_ratio(r["flops_ratio"], 3)} | {r["saved_bytes"] / 2 ** 20:.0f} | '
               f'{_ratio(r["saved_ratio"], 3)} | {r["param_state_bytes"] / 2 ** 20:.0f} |')
     if timing:
         mem = 'peak GPU MiB' if device == 'cuda' else 'peak RSS MiB'
-        print(f'\ndevice: {device} ({args.threads} threads), batch {args.batch_size}, '
-              f'input {args.input_size}, median of {args.steps} steps after {args.warmup}, '
-              f'fastest of {args.repeats} processes per variant')
+        shape = ('batch and input of each regime' if args.regimes else
+                 f'batch {args.batch_size}, input {args.input_size}')
+        print(f'\ndevice: {device} ({args.threads} threads), {shape}, '
+              f'{"torch.compile, " if args.compile else ""}median of {args.steps} steps after '
+              f'{args.warmup}, fastest of {args.repeats} processes per variant')
         head = f'| arch | re-param | s/step | x plain | all processes s/step | {mem} | x plain |'
         if args.eval:
             head += ' eval un-fused s | eval fused s | un-fused / fused |'
@@ -307,7 +421,12 @@ def main(argv=None):
                 line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
                          f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
             print(line)
-    if args.plot:
+    for r in results:
+        if r.get('profile'):
+            print(f'\nprofile: {r["arch"]} {r["label"]}, {args.profile} steps\n{r["profile"]}')
+    if args.plot and args.regimes:
+        plot_regimes(results, args.plot, timing)
+    elif args.plot:
         plot_fig8(results, args.plot, timing)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -350,6 +469,33 @@ def plot_fig8(results, path, timing=True):
             ax.set_xticklabels(labels, rotation=35, ha='right', fontsize=7)
             ax.set_title(f'{arch}: {title}', fontsize=9)
     fig.suptitle('Training cost: plain, offline DBB (hatched), online OREPA (blue)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_regimes(results, path, timing=True):
+    """OREPA's step-time ratio to plain (FLOP ratio without timing), auto and kernel route,
+    against batch x output pixels of the last stage (log scale), one point per regime."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    key = 'time_ratio' if timing else 'flops_ratio'
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, marker in (('orepa', 'o'), ('orepa-kernel', 's')):
+        rows = sorted((REGIMES[r['regime']][2] * REGIMES[r['regime']][5], r[key], r['regime'])
+                      for r in results if r['label'] == label and r.get(key))
+        if rows:
+            ax.plot([x for x, _, _ in rows], [y for _, y, _ in rows], marker=marker,
+                    linestyle='', label='OREPA (auto)' if label == 'orepa' else 'OREPA (kernel)')
+            for x, y, name in rows:
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords='offset points')
+    ax.axhline(1.0, color='grey', linewidth=0.8)
+    ax.set_xscale('log')
+    ax.set_xlabel('batch x output pixels of the last stage')
+    ax.set_ylabel('step time / plain' if timing else 'FLOPs / plain')
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
