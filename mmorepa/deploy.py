@@ -96,16 +96,16 @@ def load_checkpoint_strict(model: nn.Module, path) -> nn.Module:
     try:
         check_state_dict_fits(model, state_dict, str(path))
     except CheckpointError as mismatch:
-        if not _gives_plain_weights(model, state_dict):
+        if not _plain_weights(model, state_dict):
             raise CheckpointError(f'{mismatch}{_fused_hint(Path(path))}') from None
         return _load_seeding(model, state_dict, Path(path))
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
-def _gives_plain_weights(model: nn.Module, state_dict) -> bool:
-    """Whether ``state_dict`` holds a plain conv ``weight`` for a re-parameterized layer."""
-    own = model.state_dict()
+def _plain_weights(model: nn.Module, state_dict) -> Dict[str, nn.Module]:
+    """The re-parameterized layers for which ``state_dict`` holds a plain conv ``weight``."""
+    own, layers = model.state_dict(), {}
     for key in state_dict:
         if key not in own and key.endswith('.weight'):
             try:
@@ -113,11 +113,15 @@ def _gives_plain_weights(model: nn.Module, state_dict) -> bool:
             except AttributeError:
                 continue
             if hasattr(module, 'seeded_state'):
-                return True
-    return False
+                layers[key[:-len('.weight')]] = module
+    return layers
 
 
 def _load_seeding(model: nn.Module, state_dict, path: Path) -> nn.Module:
+    """Load ``state_dict`` with plain conv weights for re-parameterized layers, which seed from
+    them; a layer whose kernel then differs from its plain weight (a factorisation that is not
+    exact) is refused: the loaded model would not compute what the checkpoint does."""
+    seeded = _plain_weights(model, state_dict)
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a size mismatch, or a plain weight that cannot seed its layer
@@ -129,6 +133,15 @@ def _load_seeding(model: nn.Module, state_dict, path: Path) -> nn.Module:
     if result.missing_keys:
         raise CheckpointError(f'missing key {result.missing_keys[0]!r} in {path}: the '
                               f'checkpoint lacks it{_fused_hint(path)}')
+    with torch.no_grad():
+        for name, layer in seeded.items():
+            kernel = layer.fused_kernel_and_bias()[0].double()
+            weight = state_dict[f'{name}.weight'].double()
+            err = ((kernel - weight).norm() / weight.norm().clamp_min(1e-300)).item()
+            if err > 1e-5:
+                raise CheckpointError(
+                    f'{name} ({type(layer).__name__}) cannot compute the plain conv {name}.weight '
+                    f'of {path} exactly (relative error {err:.1e}){_fused_hint(path)}')
     return model
 
 

@@ -1,6 +1,7 @@
 """What the tools need around mmengine's Runner that the Runner does not do itself: config loading,
 the launcher on CPU-only machines, mixed precision on the CPU, and checks of arguments and output
 locations that turn expected failures into one line on stderr."""
+import copy
 import os
 import os.path as osp
 import sys
@@ -52,7 +53,7 @@ def check_input_file(path, what: str = 'file') -> Path:
 def _nearest_existing(path: Path) -> Path:
     """``path`` or its closest ancestor that exists (the folder a new path would be made in)."""
     path = Path(os.path.abspath(path))
-    while not path.exists():
+    while not os.path.exists(path):  # False for a name too long, where Path.exists raises
         path = path.parent
     return path
 
@@ -72,12 +73,39 @@ def _check_can_create_in(path: Path, target: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def check_name_lengths(path, what: str = 'output') -> Path:
+    """Refuse a path with a name longer than the file system allows (``NAME_MAX`` bytes, 255 on
+    Linux file systems) or too long as a whole (``PATH_MAX``): the tools find it before any work,
+    not after it."""
+    path = Path(path)
+    parent = _nearest_existing(path.parent)
+    name_max = _pathconf(parent, 'PC_NAME_MAX', 255)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise ToolError(f'{what} name too long ({size} bytes, the file system allows '
+                            f'{name_max}): {part}')
+    path_max = _pathconf(parent, 'PC_PATH_MAX', 4096)
+    size = len(os.fsencode(os.path.abspath(path)))
+    if size >= path_max:
+        raise ToolError(f'{what} path too long ({size} bytes, the limit is {path_max - 1}): {path}')
+    return path
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+
+
 def check_output_file(path, inputs: Sequence = (), what: str = 'output') -> Path:
     """Refuse, before any work, an output file that cannot be written: a directory, a path under
-    a file, a folder we may not write in, or one of the tool's ``inputs``."""
+    a file, a folder we may not write in, a name too long, or one of the tool's ``inputs``."""
     path = Path(path)
     if str(path) == '':
         raise ToolError(f'{what} path is empty')
+    check_name_lengths(path, what)
     if path.is_dir():
         raise ToolError(f'{what} {path} is a directory')
     for src in inputs:
@@ -91,8 +119,10 @@ def check_output_file(path, inputs: Sequence = (), what: str = 'output') -> Path
 
 
 def check_output_dir(path, what: str = 'work dir') -> Path:
-    """Refuse, before any work, an output folder that is a file or cannot be made or written."""
+    """Refuse, before any work, an output folder that is a file, has too long a name, or cannot
+    be made or written."""
     path = Path(path)
+    check_name_lengths(path, what)
     if path.exists() and not path.is_dir():
         raise ToolError(f'{what} {path} is not a directory')
     _check_can_create_in(_nearest_existing(path), path, what)
@@ -111,7 +141,8 @@ def check_input_shape(shape) -> tuple:
 
 def read_config(path, cfg_options: Optional[dict] = None) -> Config:
     """``Config.fromfile(path)`` with ``--cfg-options`` merged; a missing or broken config file is
-    a :class:`ToolError` naming it."""
+    a :class:`ToolError` naming it. A config without ``default_scope`` gets the scope its model
+    type names (:func:`_scope_of_model`)."""
     path = check_input_file(path, 'config')
     try:
         cfg = Config.fromfile(str(path))
@@ -123,7 +154,19 @@ def read_config(path, cfg_options: Optional[dict] = None) -> Config:
             cfg.merge_from_dict(cfg_options)
         except Exception as e:
             raise ToolError(f'cannot apply --cfg-options {cfg_options} to {path}: {e}') from None
+    if cfg.get('default_scope', None) is None and isinstance(cfg.get('model', None), dict):
+        cfg.default_scope = _scope_of_model(cfg.model)
     return cfg
+
+
+def _scope_of_model(model: dict) -> str:
+    """The scope of a config without ``default_scope``: the toolbox of its fully qualified model
+    type (``'mmpretrain.ImageClassifier'`` -> ``'mmpretrain'``), else ``'mmengine'`` (the root
+    registries, which is what no scope means to mmengine)."""
+    kind = model.get('type')
+    if isinstance(kind, str) and '.' in kind:
+        return kind.split('.', 1)[0]
+    return 'mmengine'
 
 
 def prepare_launch(cfg: Config, launcher: str) -> Config:
@@ -200,6 +243,17 @@ def amp_optim_wrapper(optim_wrapper: dict, cuda: bool) -> dict:
     optim_wrapper.pop('use_fsdp', None)
     optim_wrapper['type'] = 'CPUAutocastOptimWrapper'
     return optim_wrapper
+
+
+def check_model_builds(cfg: Config, source) -> None:
+    """Build the model of ``cfg`` once, as the Runner will (with the config's
+    ``data_preprocessor``), so that a model config that does not build (an unknown type, a bad
+    backbone option) is one line naming ``source`` before the Runner starts."""
+    from .deploy import build_model_of
+    cfg = copy.deepcopy(cfg)
+    if isinstance(cfg.get('model'), dict) and cfg.get('data_preprocessor') is not None:
+        cfg.model.setdefault('data_preprocessor', cfg.data_preprocessor)
+    build_model_of(cfg, source)
 
 
 def build_runner(cfg: Config):

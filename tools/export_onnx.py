@@ -1,7 +1,7 @@
 """Export a fused model to ONNX and check it with onnxruntime.
 
     python tools/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx [--input-shape N C H W]
-                                [--static-shape]
+                                [--static-shape] [--cfg-options k=v ...]
 
 The model of CONFIG is loaded from CHECKPOINT (strictly), fused (plain convs: a stock backbone)
 and exported: a classifier end to end (logits); a detector or segmentor as its feature extractor
@@ -20,6 +20,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 import mmorepa  # noqa: E402
 from mmorepa.deploy import (atomic_write, build_model_of, check_model_input,  # noqa: E402
@@ -75,9 +76,11 @@ def onnxruntime_error(path, model, shape, seed=0) -> float:
     return (num / den) ** 0.5
 
 
-def export(config, checkpoint, output, input_shape=(1, 3, 224, 224), dynamic=True):
+def export(config, checkpoint, output, input_shape=(1, 3, 224, 224), dynamic=True,
+           cfg_options=None):
     """Export; returns the output path and the largest onnxruntime error over the checked
-    shapes (:func:`check_shapes`)."""
+    shapes (:func:`check_shapes`). ``cfg_options`` are merged into the config as by the other
+    tools' ``--cfg-options``."""
     input_shape = check_input_shape(input_shape)
     config = check_input_file(config, 'config')
     checkpoint = check_input_file(checkpoint, 'checkpoint')
@@ -86,7 +89,7 @@ def export(config, checkpoint, output, input_shape=(1, 3, 224, 224), dynamic=Tru
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ToolError('the check needs onnxruntime: pip install onnxruntime') from None
-    model = build_model_of(read_config(config), config)
+    model = build_model_of(read_config(config, cfg_options), config)
     for shape in check_shapes(input_shape, dynamic):
         check_model_input(model, shape, config)
     load_checkpoint_strict(model, checkpoint)
@@ -117,9 +120,11 @@ def main(argv=None):
                         metavar=('N', 'C', 'H', 'W'))
     parser.add_argument('--static-shape', action='store_true',
                         help='fix the batch and image size to --input-shape')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value')
     args = parser.parse_args(argv)
     out, err = export(args.config, args.checkpoint, args.output, tuple(args.input_shape),
-                      dynamic=not args.static_shape)
+                      dynamic=not args.static_shape, cfg_options=args.cfg_options)
     shapes = ', '.join('x'.join(map(str, s))
                        for s in check_shapes(tuple(args.input_shape), not args.static_shape))
     print(f'wrote {out}')

@@ -4,8 +4,10 @@
                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
 ``--deploy`` fuses every re-parameterized block (a plain, fast model) after loading and before
-testing; the checkpoint file is not touched. Arguments, the work dir and ``--out`` are checked
-before any work; an expected failure is one line on stderr and exit status 1.
+testing; the checkpoint file is not touched. A fused checkpoint (deploy_convert's) loads into the
+training config's model too (its OREPA layers seed from the plain weights, exactly). Arguments,
+the work dir, ``--out`` and the model are checked before any work; ``--out`` writes every metric
+(per-class lists too) as JSON. An expected failure is one line on stderr and exit status 1.
 """
 import argparse
 import json
@@ -49,6 +51,7 @@ def main(argv=None):
     cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = None
     cfg.resume = False
+    runtime.check_model_builds(cfg, args.config)
     runner = runtime.build_runner(cfg)
     model = runner.model.module if hasattr(runner.model, 'module') else runner.model
     mmorepa.deploy.load_checkpoint_strict(model, args.checkpoint)
@@ -57,9 +60,23 @@ def main(argv=None):
     runner._has_loaded = True  # the checkpoint is in (and possibly fused): no reload
     metrics = runner.test()
     if args.out:
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: as_json(v) for k, v in metrics.items()}
         mmorepa.deploy.atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(metrics)))
     return metrics
+
+
+def as_json(value):
+    """A metric as JSON: numbers as floats, tensors, arrays and sequences as (nested) lists (a
+    metric per class, ``average=None``), strings as they are."""
+    if isinstance(value, (str, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): as_json(v) for k, v in value.items()}
+    if hasattr(value, 'tolist'):  # a tensor, a numpy array or scalar
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [as_json(v) for v in value]
+    return float(value)
 
 
 if __name__ == '__main__':

@@ -5,8 +5,8 @@
 
 ``--amp`` trains in mixed precision: mmengine's ``AmpOptimWrapper`` on a GPU, bfloat16 autocast
 (``mmorepa.runtime.CPUAutocastOptimWrapper``) on the CPU; OREPA kernels are computed in float32
-either way. Arguments and the work dir are checked first; an expected failure is one line on
-stderr and exit status 1.
+either way. Arguments, the work dir and the model (built once before the Runner) are checked
+first; an expected failure is one line on stderr and exit status 1.
 """
 import argparse
 import os
@@ -63,7 +63,9 @@ def setup_cfg(args) -> Config:
 
 
 def main(argv=None):
-    cfg = setup_cfg(parse_args(argv))
+    args = parse_args(argv)
+    cfg = setup_cfg(args)
+    mmorepa.runtime.check_model_builds(cfg, args.config)
     runner = mmorepa.runtime.build_runner(cfg)
     runner.train()
     return runner

@@ -10,7 +10,9 @@ One generator, three views of the same kind of images:
   ``seg/ann_dir/{train,val}/*.png`` (0 background, ``1..C`` the shape classes).
 
 Everything is written atomically (a temporary folder renamed into place), so an interrupted run
-never leaves a half-written data set; an existing complete data set is reused.
+never leaves a half-written data set; an existing complete data set is reused. Nothing that was
+not generated here is ever deleted: a folder that is not empty and is no generated data set (its
+marker file ``.complete``, and nothing but ``cls``, ``det``, ``seg`` beside it) is refused.
 """
 import json
 import os
@@ -23,6 +25,7 @@ import numpy as np
 
 CLASSES = ('circle', 'square', 'triangle')
 _DONE = '.complete'
+_GENERATED = {_DONE, 'cls', 'det', 'seg'}
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
@@ -94,14 +97,43 @@ def _write_detection_and_segmentation(root: Path, rng, split: str, n: int, size:
         json.dump(coco, f)
 
 
+def _marker(root: Path):
+    """The parameters a data set under ``root`` was generated with, or None if it is none."""
+    try:
+        params = json.loads((root / _DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return params if isinstance(params, dict) and 'classes' in params else None
+
+
+def _check_replaceable(root: Path) -> None:
+    """``root`` may be (re)generated: it does not exist, is an empty folder, or holds a data set
+    generated here and nothing else. Else :class:`ToolError` naming it (nothing is deleted)."""
+    from ..runtime import ToolError
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ToolError(f'data root {root} is not a directory')
+    entries = {p.name for p in root.iterdir()}
+    if not entries:
+        return
+    if _marker(root) is None:
+        raise ToolError(f'data root {root} is not empty and holds no generated shapes data set '
+                        f'(no {_DONE} marker): choose a new or empty folder')
+    foreign = sorted(entries - _GENERATED)
+    if foreign:
+        raise ToolError(f'data root {root} holds {root / foreign[0]}, which was not generated '
+                        'here: move it, or choose a new or empty folder')
+
+
 def make_shapes_dataset(root, num_train: int = 96, num_val: int = 32, size: int = 64,
                         seed: int = 0) -> Path:
     """Generate (or reuse) the shapes data set under ``root``; returns ``root`` as a Path."""
     root = Path(root)
     params = dict(num_train=num_train, num_val=num_val, size=size, seed=seed, classes=CLASSES)
-    done = root / _DONE
-    if done.exists() and json.loads(done.read_text()) == json.loads(json.dumps(params)):
+    if _marker(root) == json.loads(json.dumps(params)):
         return root
+    _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}-', dir=root.parent))
     try:
@@ -110,9 +142,9 @@ def make_shapes_dataset(root, num_train: int = 96, num_val: int = 32, size: int 
             _write_classification(tmp, rng, split, n, size)
             _write_detection_and_segmentation(tmp, rng, split, n, size)
         (tmp / _DONE).write_text(json.dumps(params))
-        if root.exists():
+        if root.exists() and any(root.iterdir()):  # a data set generated here (checked above)
             shutil.rmtree(root)
-        os.replace(tmp, root)
+        os.replace(tmp, root)  # onto an empty folder, or none
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
