@@ -111,6 +111,11 @@ def test_auto_takes_the_cheaper_route_for_the_input():
         cost = layer.pair_costs(x.shape, x.requires_grad)
         assert layer.pair_route(x) == min(cost, key=cost.get)
     assert layer.pair_route(small) == 'feature' and layer.pair_route(large) == 'kernel'
+    with torch.no_grad():  # no backward to pay for: the forward's multiply-adds decide
+        cost = layer.pair_costs(small.shape, backward=False)
+        assert cost['kernel'] == 64 * 9 * 64 * 64
+        assert cost['feature'] == 2 * 2 * 64 * 64 + 2 * 2 * 64 * 64 * 9
+        assert layer.pair_route(small) == 'feature'
     # the route changes the work, not the function: same output either way
     with torch.no_grad():
         out = layer(small)

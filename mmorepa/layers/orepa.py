@@ -94,7 +94,8 @@ class _ScaledBranches:
         _check_choice(route, ROUTES, 'route')
         self.route = route
 
-    def pair_costs(self, input_shape, input_needs_grad: bool = True) -> Dict[str, int]:
+    def pair_costs(self, input_shape, input_needs_grad: bool = True,
+                   backward: bool = True) -> Dict[str, int]:
         """Multiply-adds of one training step (forward and backward) spent on the 1x1-kxk pair
         (``first`` ``(C_mid, C_in / g, 1, 1)`` then ``second`` ``(C_out, C_mid / g, k, k)``) for
         an input of ``input_shape`` ``(N, C_in, H, W)``, by route, from the shapes alone:
@@ -103,6 +104,8 @@ class _ScaledBranches:
           two products of its backward (the rest is the conv every route runs once);
         - ``'feature'``: the 1x1 conv on the input and the ``k x k`` conv on its output, each
           with a weight gradient and a gradient of its input (the layer's input: if it needs one).
+
+        ``backward=False``: the forward alone (a training-mode forward without autograd).
         """
         branches, leaves, _, _ = self._squeeze_terms()
         if PAIR not in branches:
@@ -116,8 +119,10 @@ class _ScaledBranches:
         mid_positions = n * (h_out * w_out if self._stride_first() else h * w)
         mid = mid_positions * c_mid * c_in_g
         branch = n * h_out * w_out * c_out * c_mid_g * k * k
-        return dict(kernel=3 * c_out * k * k * c_mid_g * c_in_g,
-                    feature=(2 + bool(input_needs_grad)) * mid + 3 * branch)
+        kernel = c_out * k * k * c_mid_g * c_in_g
+        if not backward:
+            return dict(kernel=kernel, feature=mid + branch)
+        return dict(kernel=3 * kernel, feature=(2 + bool(input_needs_grad)) * mid + 3 * branch)
 
     def pair_route(self, x: Tensor) -> str:
         """``'kernel'`` or ``'feature'``: how a training step on ``x`` computes the pair."""
@@ -125,28 +130,32 @@ class _ScaledBranches:
             return 'kernel'
         if self.route != 'auto':
             return self.route
-        cost = self.pair_costs(x.shape, x.requires_grad)
+        cost = self.pair_costs(x.shape, x.requires_grad, torch.is_grad_enabled())
         return 'feature' if cost['feature'] < cost['kernel'] else 'kernel'
 
     def _stride_first(self) -> bool:
         """A 1x1 pair without padding takes the stride in its first conv (fewer positions)."""
         return self.kernel_size[0] == 1 and self.padding[0] == 0
 
-    def _pair_on_features(self, x: Tensor) -> Tensor:
-        """The scaled 1x1-kxk pair applied to ``x`` as two convs (the feature route). Exact: the
-        first factor is a 1x1 conv without bias, which commutes with zero padding."""
+    def _pair_on_features(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """The 1x1-kxk pair applied to ``x`` as two convs (the feature route), and its scaling
+        as a ``(1, C_out or 1, 1, 1)`` column for the output (or ``None``): at the sizes where
+        this route is taken, the feature map is smaller than the kernel it would scale. Exact:
+        the first factor is a 1x1 conv without bias, which commutes with zero padding."""
         branches, leaves, identity, _ = self._squeeze_terms()
         with _autocast_off(x.device.type):
             first = leaves[PAIR + '.first']
             first = first if identity is None else identity + first
-            second = leaves[PAIR + '.second']
-            if self.scales is not None:
-                second = second * self.scales[branches.index(PAIR)].reshape(-1, 1, 1, 1)
+        second = leaves[PAIR + '.second']
+        scale = None if self.scales is None else self.scales[branches.index(PAIR)].reshape(
+            1, -1, 1, 1)
         g = self.groups
         if self._stride_first():
-            return F.conv2d(F.conv2d(x, first, None, self.stride, 0, 1, g), second, None, 1, 0,
-                            1, g)
-        return self._conv(F.conv2d(x, first, None, 1, 0, 1, g), second, None)
+            out = F.conv2d(F.conv2d(x, first, None, self.stride, 0, 1, g), second, None, 1, 0,
+                           1, g)
+        else:
+            out = self._conv(F.conv2d(x, first, None, 1, 0, 1, g), second, None)
+        return out, scale
 
     def forward(self, x: Tensor) -> Tensor:
         """In training, the pair on the feature maps where :meth:`pair_route` says so: the conv
@@ -156,11 +165,15 @@ class _ScaledBranches:
             return super().forward(x)
         with _autocast_off(x.device.type):
             kernel, bias = self.squeeze(without_pair=True)
-        out = self._pair_on_features(x)
+        pair, scale = self._pair_on_features(x)
         if kernel is not None:
-            out = self._conv(x, kernel, bias) + out
+            rest = self._conv(x, kernel, bias)
         elif bias is not None:
-            out = out + bias.reshape(1, -1, 1, 1)
+            rest = bias.reshape(1, -1, 1, 1)
+        else:
+            rest = torch.zeros((), dtype=pair.dtype, device=pair.device)
+        # rest + scale * pair in one pass (and one pass for each gradient)
+        out = rest + pair if scale is None else torch.addcmul(rest, pair, scale.to(pair.dtype))
         return self.bn(out) if self.bn is not None else out
 
     def _build_scales(self, branches, scaling, scale_init, defaults, out_channels):

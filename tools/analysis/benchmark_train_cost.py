@@ -275,8 +275,7 @@ def _routes(model, x) -> dict:
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
                if hasattr(m, 'pair_route')]
     model.train()
-    with torch.no_grad():
-        model(x)  # BN statistics move: the counters and timings are done
+    model(x)  # with autograd, as in a step (BN statistics move: counters and timings are done)
     for h in handles:
         h.remove()
     return seen
