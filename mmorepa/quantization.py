@@ -1,0 +1,364 @@
+"""INT8 post-training quantization of fused models, and what tells why one quantizes worse.
+
+The quantizer is onnxruntime's static quantization (QDQ format, symmetric per-output-channel int8
+weights, int8 activations calibrated on real inputs). Around it:
+
+- :func:`variant`: the INT8 model with only some of its quantization kept (weights only,
+  activations only, one layer only): every ``DequantizeLinear`` edge not kept is bypassed, its
+  consumer reads the float tensor instead. One calibration serves every variant.
+- :func:`sqnr_db`, :func:`layer_costs`: output signal-to-quantization-noise ratios.
+- :func:`weight_stats`: per layer, the per-output-channel crest factor (``max|w| / rms(w)``) of the
+  fused kernel and the SQNR of its per-channel int8 rounding (for a uniform quantizer with step
+  ``max|w| / 127`` the rounding SQNR is about ``20 log10(127 sqrt(12) / crest)``: the crest factor
+  is what the kernel's own shape costs).
+- :class:`CrestPenaltyOptimWrapper`: a training recipe that acts on OREPA's squeezed kernels.
+"""
+import contextlib
+import math
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from mmengine.logging import MessageHub
+from mmengine.optim import OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
+
+from .deploy import atomic_write
+from .layers.base import ReparamConv2d
+from .runtime import ToolError
+
+CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
+
+
+# -- quantize ---------------------------------------------------------------------------------------
+def quantize_int8(fp32_path, output, inputs: Sequence[np.ndarray], method: str = 'minmax'):
+    """Quantize the ONNX file ``fp32_path`` with onnxruntime (QDQ, int8 per-channel symmetric
+    weights, int8 activations calibrated by ``method`` on ``inputs``, a list of float32 arrays
+    for the graph's one input) and write ``output`` atomically. Returns the float model that was
+    quantized (``fp32_path`` after onnxruntime's pre-processing), an ``onnx.ModelProto``."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    if method not in CALIBRATION_METHODS:
+        raise ToolError(f'unknown calibration method {method!r}; expected one of '
+                        f'{list(CALIBRATION_METHODS)}')
+    name = _input_name(fp32_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(inputs)
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {name: x}
+
+    calibrate = {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
+                 'percentile': CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(prefix='mmorepa-quantize-') as tmp:
+        pre = str(Path(tmp) / 'preprocessed.onnx')
+        quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
+        atomic_write(output, lambda path: quantize_static(
+            pre, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=calibrate))
+        return onnx.load(pre)
+
+
+def _input_name(path) -> str:
+    import onnx
+    return onnx.load(str(path), load_external_data=False).graph.input[0].name
+
+
+# -- run and compare --------------------------------------------------------------------------------
+def run_onnx(model, inputs: Sequence[np.ndarray]) -> List[List[np.ndarray]]:
+    """Outputs of ``model`` (a path or an ``onnx.ModelProto``) on each input batch."""
+    import onnxruntime as ort
+    source = model.SerializeToString() if hasattr(model, 'SerializeToString') else str(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(source, options, providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    return [session.run(None, {name: x}) for x in inputs]
+
+
+def sqnr_db(reference: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[np.ndarray]]) -> float:
+    """``10 log10(sum ref^2 / sum (ref - test)^2)`` over all batches and outputs (float64)."""
+    signal = noise = 0.0
+    for refs, tests in zip(reference, test):
+        for r, t in zip(refs, tests):
+            r = np.asarray(r, np.float64)
+            signal += float((r ** 2).sum())
+            noise += float(((r - np.asarray(t, np.float64)) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+# -- partly quantized variants ----------------------------------------------------------------------
+def dequantize_edges(qdq) -> List[dict]:
+    """Every use of a ``DequantizeLinear`` output in the QDQ model ``qdq``: ``dict(dq, consumer,
+    kind, layer)``; ``consumer`` is a node name or ``None`` for a graph output, ``kind`` is
+    ``'weight'`` (a constant: a weight or bias) or ``'activation'``, ``layer`` the node whose
+    quantization the edge is (its consumer; for a graph output, the node that produced it)."""
+    graph = qdq.graph
+    inits = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    edges = []
+    for dq in graph.node:
+        if dq.op_type != 'DequantizeLinear':
+            continue
+        kind = 'weight' if dq.input[0] in inits else 'activation'
+        for node in graph.node:
+            if dq.output[0] in node.input:
+                edges.append(dict(dq=dq.name, consumer=node.name, kind=kind, layer=node.name))
+        if dq.output[0] in outputs:
+            q = producer.get(dq.input[0])
+            source = producer.get(q.input[0]) if q is not None else None
+            edges.append(dict(dq=dq.name, consumer=None, kind=kind,
+                              layer=source.name if source is not None else dq.name))
+    return edges
+
+
+def variant(qdq, fp32, keep: Callable[[dict], bool]):
+    """A copy of the QDQ model ``qdq`` in which each ``DequantizeLinear`` edge (see
+    :func:`dequantize_edges`) with ``keep(edge)`` false is bypassed: its consumer reads the float
+    tensor (an activation: the ``QuantizeLinear``'s input; a weight or bias: the float initializer
+    of ``fp32``, the model that was quantized, found by onnxruntime's ``<name>_quantized``)."""
+    import onnx
+    from onnx import helper
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    floats = {i.name: i for i in fp32.graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    added = {i.name for i in graph.initializer}
+    values = {i.name: i for i in graph.initializer}
+    made = {}
+    for edge in dequantize_edges(qdq):
+        if keep(edge):
+            continue
+        dq = nodes[edge['dq']]
+        if edge['kind'] == 'activation':
+            source = _float_activation(graph, producer[dq.input[0]], dq, values, made)
+        else:
+            source = dq.input[0][:-len('_quantized')] if dq.input[0].endswith('_quantized') \
+                else None
+            if source not in floats:
+                raise ToolError(f'cannot find the float value of {dq.input[0]} in the model that '
+                                'was quantized')
+            float_name = source + '_float'
+            if float_name not in added:
+                graph.initializer.append(floats[source])
+                graph.initializer[-1].name = float_name
+                added.add(float_name)
+            source = float_name
+        if edge['consumer'] is None:  # a graph output: keep its name, feed it the float tensor
+            name = dq.output[0]
+            for node in graph.node:
+                node.input[:] = [name + '_kept' if i == name else i for i in node.input]
+            dq.output[0] = name + '_kept'
+            graph.node.append(helper.make_node('Identity', [source], [name],
+                                               name=dq.name + '_bypass'))
+            continue
+        node = nodes[edge['consumer']]
+        node.input[:] = [source if i == dq.output[0] else i for i in node.input]
+    return model
+
+
+def _float_activation(graph, q, dq, values, made) -> str:
+    """The float tensor to read instead of ``dq``'s output: the ``QuantizeLinear``'s input, through
+    a ReLU where the quantized range starts at 0 (the zero point is the lowest code): onnxruntime
+    drops a ReLU whose output is quantized, the quantized range being the clamp."""
+    from onnx import helper, numpy_helper
+    if dq.name in made:
+        return made[dq.name]
+    source = q.input[0]
+    zero = values.get(q.input[2]) if len(q.input) > 2 else None
+    if zero is not None:
+        zp = numpy_helper.to_array(zero)
+        if zp.size == 1 and int(zp) == np.iinfo(zp.dtype).min:
+            graph.node.append(helper.make_node('Relu', [source], [dq.name + '_float'],
+                                               name=dq.name + '_float'))
+            source = dq.name + '_float'
+    made[dq.name] = source
+    return source
+
+
+def variants_by_side(qdq, fp32) -> Dict[str, object]:
+    """The INT8 model with its weights only and its activations only quantized."""
+    return {'weights only': variant(qdq, fp32, lambda e: e['kind'] == 'weight'),
+            'activations only': variant(qdq, fp32, lambda e: e['kind'] == 'activation')}
+
+
+def layer_costs(qdq, fp32, inputs, reference) -> List[dict]:
+    """Per node with quantized inputs (Conv, Gemm, Add, pooling, ...): the output SQNR with only
+    that node's inputs quantized (weight, bias, activations; for the node producing a graph output
+    that output too), and with only its weight (None for a node without one),
+    against the FP32 outputs ``reference`` (:func:`run_onnx` of ``fp32`` on ``inputs``). Sorted,
+    the costliest (lowest SQNR) first."""
+    edges = dequantize_edges(qdq)
+    layers = sorted({e['layer'] for e in edges})
+    rows = []
+    for layer in layers:
+        alone = variant(qdq, fp32, lambda e: e['layer'] == layer)
+        has_weight = any(e['layer'] == layer and e['kind'] == 'weight' for e in edges)
+        weight = variant(qdq, fp32, lambda e: e['layer'] == layer and e['kind'] == 'weight')
+        rows.append(dict(layer=layer, sqnr=sqnr_db(reference, run_onnx(alone, inputs)),
+                         weight_sqnr=sqnr_db(reference, run_onnx(weight, inputs))
+                         if has_weight else None))
+    return sorted(rows, key=lambda r: r['sqnr'])
+
+
+def activation_stats(qdq, fp32, inputs) -> List[dict]:
+    """Per quantized activation tensor of the QDQ model, on ``inputs``: the SQNR of its own int8
+    quantize-dequantize (its calibrated scale and zero point, clipping included), its crest factor
+    ``max|x| / rms(x)`` (what a per-tensor scale pays for) and the spread of its channels (the
+    largest per-channel ``max|x|`` over the median one)."""
+    from onnx import helper, numpy_helper
+    model = variant(qdq, fp32, lambda e: False)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    quants, seen = [], set()
+    for q in model.graph.node:
+        if q.op_type == 'QuantizeLinear' and q.input[0] not in seen and q.input[1] in values:
+            seen.add(q.input[0])
+            quants.append(q)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_empty_tensor_value_info(q.input[0]) for q in quants)
+    runs = run_onnx(model, inputs)
+    rows = []
+    for i, q in enumerate(quants):
+        scale = float(values[q.input[1]])
+        zp = values[q.input[2]] if len(q.input) > 2 else np.zeros((), np.int8)
+        lo, hi = np.iinfo(zp.dtype).min, np.iinfo(zp.dtype).max
+        signal = noise = 0.0
+        peak, per_channel = 0.0, None
+        for outs in runs:
+            x = outs[i].astype(np.float64)
+            if int(zp) == lo:  # a ReLU onnxruntime folded into this quantization
+                x = np.maximum(x, 0)
+            deq = (np.clip(np.round(x / scale) + int(zp), lo, hi) - int(zp)) * scale
+            signal += float((x ** 2).sum())
+            noise += float(((x - deq) ** 2).sum())
+            peak = max(peak, float(np.abs(x).max()))
+            if x.ndim >= 2:
+                m = np.abs(x).reshape(x.shape[0], x.shape[1], -1).max(axis=(0, 2))
+                per_channel = m if per_channel is None else np.maximum(per_channel, m)
+        count = sum(outs[i].size for outs in runs)
+        rms = math.sqrt(signal / max(count, 1))
+        rows.append(dict(tensor=q.input[0],
+                         sqnr=math.inf if noise == 0 else 10 * math.log10(signal / noise),
+                         crest=peak / rms if rms else math.inf,
+                         channel_spread=float(per_channel.max() / max(np.median(per_channel),
+                                                                       1e-12))
+                         if per_channel is not None else None))
+    return rows
+
+
+# -- the fused kernels ------------------------------------------------------------------------------
+def per_channel_int8(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 rounding (scale ``max|w| / 127``), dequantized: what
+    onnxruntime's per-channel weight quantization does to ``weight``."""
+    flat = weight.flatten(1)
+    scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    return (torch.round(flat / scale).clamp(-127, 127) * scale).reshape(weight.shape)
+
+
+def crest_factor(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel, ``max|w| / rms(w)`` (1 for a constant channel; ``sqrt(n)`` for one
+    non-zero entry). Differentiable."""
+    flat = weight.flatten(1)
+    rms = flat.pow(2).mean(1).clamp_min(1e-24).sqrt()
+    return flat.abs().amax(1) / rms
+
+
+def weight_stats(fused: nn.Module) -> List[dict]:
+    """Per conv / linear layer of the fused model (its kernel before the norm that follows it:
+    per-channel crest factors and per-channel rounding do not change when each output channel
+    is scaled, so folding the norm changes neither): the median and largest crest factor over
+    output channels and the SQNR of the kernel's per-channel int8 rounding."""
+    rows = []
+    for name, m in fused.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        w = m.weight.detach().double()
+        crest = crest_factor(w)
+        noise = float((w - per_channel_int8(w)).pow(2).sum())
+        rows.append(dict(layer=name, crest_median=float(crest.median()),
+                         crest_max=float(crest.max()),
+                         sqnr=10 * math.log10(float(w.pow(2).sum()) / max(noise, 1e-300))))
+    return rows
+
+
+# -- INT8 inside the toolbox's model ----------------------------------------------------------------
+@contextlib.contextmanager
+def onnx_features(model: nn.Module, session, classifier: bool):
+    """Within the context ``model`` takes what the exported file computes from onnxruntime's
+    ``session``: a classifier's logits (its head passes them on to its own prediction code), else
+    the feature maps of ``extract_feat`` (backbone and neck) feeding the PyTorch heads. The
+    toolbox's own ``predict`` and the config's evaluator run unchanged."""
+    name = session.get_inputs()[0].name
+
+    def extract_feat(inputs, *args, **kwargs):
+        outs = session.run(None, {name: inputs.detach().cpu().float().numpy()})
+        return tuple(torch.from_numpy(o).to(inputs.device) for o in outs)
+
+    patched = [(model, 'extract_feat')] + ([(model.head, 'forward')] if classifier else [])
+    model.extract_feat = extract_feat
+    if classifier:
+        model.head.forward = lambda feats: feats[-1]
+    try:
+        yield model
+    finally:
+        for obj, attr in patched:
+            del obj.__dict__[attr]
+
+
+# -- the training recipe ----------------------------------------------------------------------------
+def crest_penalty(model: nn.Module) -> torch.Tensor:
+    """Mean over the re-parameterized convs of ``model`` of the mean squared per-output-channel
+    crest factor of the squeezed kernel (the layer's kernel at this training step; the norm
+    after it scales whole output channels, so this is also the fused kernel's crest factor),
+    normalised by the kernel's fan-in (``crest^2 / n`` lies in ``[1/n, 1]``). The expected
+    relative noise power of per-channel int8 weight rounding is ``crest^2 / (3 * 127^2 * 4)``:
+    this is what the penalty lowers. Gradients reach every branch through the squeeze."""
+    terms = []
+    for m in model.modules():
+        if isinstance(m, ReparamConv2d) and not m.deploy:
+            kernel = m.squeeze()[0]
+            terms.append((crest_factor(kernel) ** 2 / kernel[0].numel()).mean())
+    if not terms:
+        raise ToolError('the crest-factor penalty found no re-parameterized conv in the model')
+    return torch.stack(terms).mean()
+
+
+@OPTIM_WRAPPERS.register_module()
+class CrestPenaltyOptimWrapper(OptimWrapper):
+    """mmengine's ``OptimWrapper`` that adds ``weight * crest_penalty(model)`` to the loss at each
+    step (:func:`crest_penalty` on the squeezed kernels, which exist at every OREPA training
+    step): the fused kernels come out with flatter output channels, which per-channel int8
+    rounds more finely. Nothing changes at inference; the deployed model is the stock network."""
+
+    def __init__(self, crest_weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not crest_weight >= 0:
+            raise ToolError(f'crest_weight must be >= 0, got {crest_weight!r}')
+        self.crest_weight = float(crest_weight)
+        self._model = None
+
+    @contextlib.contextmanager
+    def optim_context(self, model: nn.Module):
+        self._model = model
+        with super().optim_context(model):
+            yield
+
+    def update_params(self, loss: torch.Tensor, **kwargs) -> None:
+        if self.crest_weight and self._model is not None:
+            penalty = crest_penalty(self._model)
+            MessageHub.get_current_instance().update_scalar('train/crest_penalty',
+                                                            penalty.item())
+            loss = loss + self.crest_weight * penalty
+        super().update_params(loss, **kwargs)

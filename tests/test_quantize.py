@@ -1,0 +1,187 @@
+"""INT8: tools/quantize.py end to end on a tiny classifier, its refusals, the partly quantized
+variants it analyses with, and the crest-factor training recipe (mmorepa.quantization)."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import mmorepa
+from mmorepa import quantization as Q
+from mmorepa.layers import OREPAConv1x1, OREPAConv2d, OREPALargeConv
+
+from helpers import randomize_network_, rel_err
+
+pytest.importorskip('onnxruntime')
+ROOT = Path(__file__).resolve().parents[1]
+CLS_CFG = 'configs/demo/orepa_r18_shapes_cls.py'
+TINY = {'model.backbone.base_channels': 8, 'model.backbone.stem_channels': 8,
+        'model.head.in_channels': 64}
+
+
+def _run(args):
+    return subprocess.run([sys.executable, 'tools/quantize.py'] + [str(a) for a in args],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A tiny OREPA-ResNet-18 classifier (random weights, random BN statistics), its
+    checkpoint, a small shapes data set and the --cfg-options that point the config at them."""
+    base = tmp_path_factory.mktemp('quantize')
+    data = mmorepa.datasets.make_shapes_dataset(base / 'data', num_train=24, num_val=8)
+    opts = [f'{k}={v}' for k, v in TINY.items()]
+    opts += [f'{k}_dataloader.dataset.data_root={data}/cls' for k in ('train', 'val', 'test')]
+    opts += ['train_dataloader.batch_size=12']
+    cfg = mmorepa.runtime.read_config(CLS_CFG, TINY)
+    model = randomize_network_(mmorepa.deploy.build_model(cfg), torch.Generator().manual_seed(0))
+    ckpt = base / 'tiny.pth'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    return base, ckpt, opts
+
+
+@pytest.fixture(scope='module')
+def quantized(tiny):
+    base, ckpt, opts = tiny
+    out, metrics = base / 'tiny_int8.onnx', base / 'metrics.json'
+    proc = _run([CLS_CFG, ckpt, out, '--calib-batches', '2', '--out', metrics,
+                 '--work-dir', base / 'work', '--cfg-options'] + opts)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(metrics.read_text()), proc.stdout
+
+
+def test_quantize_writes_a_valid_int8_file_and_the_metrics(quantized, tiny):
+    out, result, stdout = quantized
+    import onnx
+    import onnxruntime as ort
+    graph = onnx.load(str(out)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count('QuantizeLinear') >= 20 and ops.count('Conv') >= 17
+    weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(weights) >= 18  # int8 kernels (17 convs + fc), not float ones
+    session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    logits = session.run(None, {'input': np.random.RandomState(0).randn(3, 3, 64, 64)
+                                .astype(np.float32)})[0]
+    assert logits.shape == (3, 3) and np.isfinite(logits).all()
+    for kind in ('fp32', 'int8'):
+        assert 0 <= result['metrics'][kind]['accuracy/top1'] <= 100
+    assert result['calibration'] == dict(method='minmax', batches=2, images=24)
+    assert 5 < result['sqnr_db'] < 80
+    assert set(result['sqnr_db_by_side']) == {'weights only', 'activations only'}
+    assert any(r['layer'].endswith('/head/fc/Gemm') for r in result['layers'])
+    assert 'output SQNR, INT8 vs FP32' in stdout and 'accuracy/top1' in stdout
+
+
+def _tool():
+    """tools/quantize.py as a module (its sys.path additions undone)."""
+    import importlib.util
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location('quantize_tool', ROOT / 'tools/quantize.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+def test_quantize_refusals_are_one_line(tiny, tmp_path, capsys):
+    base, ckpt, opts = tiny
+    kept = tmp_path / 'kept.onnx'
+    kept.write_bytes(b'not mine')
+    tool = _tool()
+    for args, message in [
+            ([CLS_CFG, base / 'missing.pth', kept], 'checkpoint not found'),
+            ([CLS_CFG, ckpt, ckpt], 'refusing to overwrite the input'),
+            ([CLS_CFG, ckpt, kept, '--calib-batches', '0'], '--calib-batches must be'),
+            ([CLS_CFG, ckpt, kept, '--out', kept], 'is the INT8 output file'),
+            ([CLS_CFG, ckpt, kept, '--input-shape', '1', '3', '0', '64'], '--input-shape')]:
+        with pytest.raises(SystemExit) as exit_:
+            tool.run_tool(tool.main, [str(a) for a in args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.count('\n') == 1 and message in err, (args, err)
+    assert kept.read_bytes() == b'not mine'
+    assert ckpt.stat().st_size > 1000
+
+
+class _TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = OREPALargeConv(3, 8, 5, stride=2, padding=2)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv = OREPAConv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.down = OREPAConv1x1(8, 16, 1, stride=2, padding=0)
+        self.bn2 = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.conv(x)))
+        return self.bn2(self.down(x))
+
+
+def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
+    torch.manual_seed(0)
+    model = randomize_network_(_TinyNet(), torch.Generator().manual_seed(1))
+    penalty = Q.crest_penalty(model)
+    penalty.backward()
+    for name, p in model.named_parameters():
+        if 'bn' not in name:  # every branch and scaling vector of the three OREPA layers
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the recipe's step is the plain step on loss + crest_weight * penalty
+    x = torch.randn(4, 3, 16, 16)
+    model.zero_grad(set_to_none=True)
+    ref = copy.deepcopy(model)
+    wrapper = Q.CrestPenaltyOptimWrapper(
+        crest_weight=0.5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with wrapper.optim_context(model):
+        loss = model(x).square().mean()
+    wrapper.update_params(loss)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_opt.zero_grad()
+    (ref(x).square().mean() + 0.5 * Q.crest_penalty(ref)).backward()
+    ref_opt.step()
+    assert rel_err(model.conv.weight_kxk.detach(), ref.conv.weight_kxk.detach()) < 1e-6
+    before = Q.crest_factor(ref.conv.squeeze()[0]).mean()
+    # trained with the recipe, the fused model (plain convs) still equals the un-fused one
+    model.eval().double()
+    x = x.double()
+    with torch.no_grad():
+        with model.stem.unfolded(), model.conv.unfolded(), model.down.unfolded():
+            unfused = model(x)
+        fused = mmorepa.reparameterize(model)(x)
+    assert rel_err(fused, unfused) < 1e-12
+    assert before > 1
+
+
+def test_variants_bypass_exactly(tmp_path):
+    """With nothing kept the INT8 file computes the FP32 model; with everything kept, itself."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(),
+                        nn.Conv2d(4, 4, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    torch.onnx.export(net, (x, ), str(tmp_path / 'fp32.onnx'), input_names=['input'],
+                      dynamo=False, opset_version=17, dynamic_axes={'input': {0: 'batch'}})
+    inputs = [np.random.RandomState(i).randn(4, 3, 12, 12).astype(np.float32) for i in range(3)]
+    fp32 = Q.quantize_int8(tmp_path / 'fp32.onnx', tmp_path / 'int8.onnx', inputs)
+    import onnx
+    qdq = onnx.load(str(tmp_path / 'int8.onnx'))
+    reference = Q.run_onnx(fp32, inputs)
+    int8 = Q.run_onnx(qdq, inputs)
+    none = Q.run_onnx(Q.variant(qdq, fp32, lambda e: False), inputs)
+    assert all(rel_err(torch.from_numpy(a[0]), torch.from_numpy(b[0])) < 1e-6
+               for a, b in zip(none, reference))
+    assert Q.sqnr_db(int8, Q.run_onnx(Q.variant(qdq, fp32, lambda e: True), inputs)) == np.inf
+    full = Q.sqnr_db(reference, int8)
+    sides = {k: Q.sqnr_db(reference, Q.run_onnx(m, inputs))
+             for k, m in Q.variants_by_side(qdq, fp32).items()}
+    assert 10 < full < min(sides.values()) < np.inf
+    # the per-channel rounding the kernel statistics assume is onnxruntime's
+    w = torch.from_numpy(onnx.numpy_helper.to_array(fp32.graph.initializer[0]).copy())
+    if w.dim() == 4:
+        assert Q.weight_stats(nn.Sequential(net[0]))[0]['sqnr'] > 30
