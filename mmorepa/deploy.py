@@ -20,8 +20,8 @@ from .runtime import ToolError, check_input_file, check_input_shape, check_outpu
 CONV_TYPES = ('OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
               'DiverseBranchBlock')
 # The first line of the deploy configs that convert() writes: only such a file is replaced
-# without being named as the output.
-DEPLOY_CONFIG_HEADER = '# deploy config written by mmorepa (tools/deploy_convert.py)'
+# without being named as the output. (No package name in it: the file needs none.)
+DEPLOY_CONFIG_HEADER = '# deploy config written by tools/deploy_convert.py'
 
 
 class CheckpointError(ToolError, ValueError):
@@ -383,5 +383,5 @@ def convert(config, checkpoint, output, input_shape=(2, 3, 128, 128),
     meta = dict(mmorepa_fused_from=str(checkpoint), config=str(config), fusion_rel_err=err)
     atomic_write(output, lambda p: torch.save(dict(state_dict=fused.state_dict(), meta=meta), p))
     atomic_write(deploy_cfg_path, lambda p: Path(p).write_text(
-        f'{DEPLOY_CONFIG_HEADER} from {checkpoint}\n{stock_cfg.pretty_text}'))
+        f'{DEPLOY_CONFIG_HEADER}\n{stock_cfg.pretty_text}'))
     return output, deploy_cfg_path, err

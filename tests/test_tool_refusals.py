@@ -136,6 +136,7 @@ def test_deploy_convert_never_replaces_a_config_it_did_not_write(tmp_path, tiny_
     assert (tmp_path / 'model.py').read_text() == '# my model\n'
     written = (tmp_path / 'deploy.py').read_text()
     assert written.startswith(DEPLOY_CONFIG_HEADER) and "type='ResNet'" in written
+    assert 'mmorepa' not in written  # a deploy config needs no mmorepa
     assert out.is_file()
 
 
