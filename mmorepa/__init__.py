@@ -1,7 +1,9 @@
 """mmorepa: Online Convolutional Re-parameterization (OREPA, CVPR 2022) for OpenMMLab.
 
 ``import mmorepa`` registers the OREPA conv layers (``conv_cfg=dict(type='OREPA')``), blocks and
-backbones in mmengine's root ``MODELS`` (found by mmpretrain, mmdet and mmseg), and lets mmengine
+backbones in mmengine's root ``MODELS`` (found by mmpretrain, mmdet and mmseg): ``OREPAResNet``,
+``OREPAVGG`` and ``OREPA<Name>`` for every backbone class of the installed toolboxes, resolved in
+the config's default scope when built (no toolbox is imported here); and it lets mmengine
 checkpoints load under torch's ``weights_only=True`` default.
 """
 from . import kernels

@@ -42,43 +42,66 @@ def _switch_outermost(module: nn.Module):
         _switch_outermost(child)
 
 
-def fuse_convs_(module: nn.Module, prefix: str = '') -> int:
+def fuse_convs_(module: nn.Module, prefix: str = '', _outer=None) -> int:
     """Replace, in place, every re-parameterizable conv below ``module`` by its plain
     ``nn.Conv2d``; returns how many were replaced.
 
     A layer that stands in for a bias-free conv but fuses to one with a bias (DBB: its branch
-    norms leave a bias) has the bias folded into the BatchNorm that follows it
-    (``BN(W x + b) == BN'(W x)`` with ``running_mean - b``), so the fused module has the keys of
-    the stock network. That norm is the one registered right after the conv (the layout of every
-    ResNet / ResNeXt / RepVGG block and of a conv-first ``ConvModule``); where there is none, a
-    ``ValueError`` names the layer.
+    norms leave a bias) has the bias folded into the BatchNorm that takes its output
+    (``BN(W x + b) == BN'(W x)`` with ``running_mean - b``; see :func:`norm_taking_bias`), so the
+    fused module has the keys of the stock network. Where there is none, a ``ValueError`` names
+    the layer.
     """
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, ReparamConv2d):
             conv = child.to_conv2d()
             if conv.bias is not None and not child.expects_bias and child.bn is None:
-                _fold_bias_into_next_norm(module, name, conv, f'{prefix}{name}')
+                _fold_bias_into_norm(module, name, conv, f'{prefix}{name}', _outer)
             setattr(module, name, conv)
             count += 1
         else:
-            count += fuse_convs_(child, f'{prefix}{name}.')
+            count += fuse_convs_(child, f'{prefix}{name}.', (module, name))
     return count
 
 
-def _fold_bias_into_next_norm(parent: nn.Module, name: str, conv: nn.Conv2d, path: str):
+def _next_child(parent: nn.Module, name: str):
     names = list(parent._modules)
-    following = parent._modules[names[names.index(name) + 1]] if name != names[-1] else None
+    return parent._modules[names[names.index(name) + 1]] if name != names[-1] else None
+
+
+def norm_taking_bias(parent: nn.Module, name: str, channels: int, outer=None):
+    """The BatchNorm (with running statistics, ``channels`` wide) that the host applies to the
+    output of its conv ``parent.<name>``, or ``None``: the module registered right after the conv
+    (ResNet blocks, a conv-first mmcv ``ConvModule``, ``Sequential(conv, bn)``), or, for a conv in
+    a ``ModuleList`` (Res2Net's ``convs[i]``), the same entry of the ``ModuleList`` registered right
+    after that list (``bns[i]``); ``outer`` is ``(grandparent, name of parent in it)``."""
+    def fits(norm):
+        return (isinstance(norm, _BatchNorm) and norm.num_features == channels
+                and norm.running_mean is not None)
+
     order = getattr(parent, 'order', None)  # mmcv's ConvModule: 'norm' may run before 'conv'
     norm_after = not isinstance(order, tuple) or (
         'norm' in order and order.index('norm') > order.index('conv'))
-    if not (norm_after and isinstance(following, _BatchNorm)
-            and following.num_features == conv.out_channels
-            and following.running_mean is not None):
+    following = _next_child(parent, name)
+    if norm_after and fits(following):
+        return following
+    if outer is not None and isinstance(parent, nn.ModuleList) and name.isdigit():
+        sibling = _next_child(*outer)
+        if isinstance(sibling, nn.ModuleList) and len(sibling) == len(parent):
+            norm = sibling[int(name)]
+            if fits(norm):
+                return norm
+    return None
+
+
+def _fold_bias_into_norm(parent: nn.Module, name: str, conv: nn.Conv2d, path: str, outer):
+    norm = norm_taking_bias(parent, name, conv.out_channels, outer)
+    if norm is None:
         raise ValueError(f'{path} fuses to a conv with a bias, but its host built it without one '
                          'and no BatchNorm with running statistics follows it to take the bias')
     with torch.no_grad():
-        following.running_mean.sub_(conv.bias.to(following.running_mean.dtype))
+        norm.running_mean.sub_(conv.bias.to(norm.running_mean.dtype))
     conv.bias = None
 
 

@@ -224,8 +224,10 @@ def test_bad_backbone_arguments():
         OREPAResNet(18, reparam='dbb', orepa_cfg=dict(scaling='none'))
     with pytest.raises(ValueError, match=r'stage_blocks must be positive ints, got \(0, 1'):
         OREPAResNet(18, stage_blocks=(0, 1, 1, 1))
-    with pytest.raises(ValueError, match='stage_blocks'):
-        OREPAResNet.stock_cfg(dict(type='OREPAResNet', depth=18, stage_blocks=(1, 1, 1, 1)))
+    # no stock counterpart: the same backbone, fused (deploy=True), is the deploy form
+    assert OREPAResNet.stock_cfg(dict(type='OREPAResNet', depth=18, reparam='dbb',
+                                      stage_blocks=(1, 1, 1, 1))) == dict(
+        type='OREPAResNet', deploy=True, stage_blocks=(1, 1, 1, 1), depth=18)
     with pytest.raises(ValueError, match="reparam 'none'"):
         OREPAVGG('A0', reparam='none')
     with pytest.raises(ValueError, match=r'stage_blocks=\(1, 1\) is for ResNets'):

@@ -259,14 +259,18 @@ class ReparamConv2d(nn.Module):
         if not given:
             return  # the layer is absent: the usual missing-key report
         expected = {k for k in self.state_dict() if not k.startswith(inner)}
-        extra = sorted(given - expected)
-        missing = sorted(k for k in expected - given if not k.endswith('num_batches_tracked'))
+
+        def names(keys):  # 'branch_kxk.bn.weight' -> 'branch_kxk'
+            return ', '.join(sorted({k.split('.')[0] for k in keys})) or 'nothing'
+
+        extra = given - expected
+        missing = {k for k in expected - given if not k.endswith('num_batches_tracked')}
         if extra or missing:
             error_msgs.append(
                 f'{prefix[:-1] or "layer"} ({type(self).__name__}): the checkpoint\'s entries '
                 'are those of another re-parameterization (other branches, DBB, a fused or '
-                f'plain layer): it has {extra or "nothing"} that this layer lacks and lacks '
-                f'{missing or "nothing"}; this layer is not loaded from it')
+                f'plain layer): it has {names(extra)} that this layer lacks, and lacks '
+                f'{names(missing)}; this layer is not loaded from it')
 
     def _seed_from_plain(self, state_dict, prefix, error_msgs):
         from mmengine.logging import print_log

@@ -86,14 +86,16 @@ def OREPAResNet(depth: int, reparam: str = 'orepa', orepa_cfg: Optional[dict] = 
 
 def resnet_stock_cfg(cfg: dict) -> dict:
     """The config of the toolbox's own ``ResNet`` / ``ResNeXt`` that a fused ``cfg`` model is
-    (the toolbox is the current default scope: mmpretrain, mmdet or mmseg)."""
+    (the toolbox is the current default scope: mmpretrain, mmdet or mmseg). ``stage_blocks``
+    other than the depth's own has no stock counterpart: then the same ``OREPAResNet`` with
+    ``deploy=True`` (plain convs, the stock blocks)."""
     cfg = copy.deepcopy(dict(cfg))
     stock = stock_class(_stock_name(cfg))
     own = stock.arch_settings.get(cfg.get('depth'), (None, ()))[1]
-    if cfg.get('stage_blocks') is not None and tuple(cfg['stage_blocks']) != tuple(own):
-        raise ValueError(f'stage_blocks={cfg["stage_blocks"]!r} has no stock ResNet counterpart; '
-                         'build the fused model with deploy=True instead')
     out = {k: v for k, v in cfg.items() if k not in _OURS}
+    if cfg.get('stage_blocks') is not None and tuple(cfg['stage_blocks']) != tuple(own):
+        return dict(type=cfg.get('type', 'OREPAResNet'), deploy=True,
+                    stage_blocks=cfg['stage_blocks'], **out)
     return dict(type=_stock_name(out), **out)
 
 
