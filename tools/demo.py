@@ -7,8 +7,9 @@ The paper's pipeline on the generated shapes data set, with one OREPA-ResNet-18
 segmentation (PSPNet, D8) then start from the classifier's checkpoint (``init_cfg=Pretrained``,
 ``prefix='backbone.'``), and the job checks in their logs that every backbone weight loaded.
 Each task: train (tools/train.py) -> evaluate -> fuse (tools/deploy_convert.py: the stock
-backbone, no mmorepa needed) -> evaluate the fused model (tools/test.py with the deploy config),
-then a table of the metrics before and after fusion. ``--quick`` runs a few iterations only (CI).
+backbone, no mmorepa needed) -> evaluate the fused model (tools/test.py with the deploy config)
+-> quantize it to INT8 and evaluate that (tools/quantize.py), then a table of the metrics before
+and after fusion and in INT8. ``--quick`` runs a few iterations only (CI).
 """
 import argparse
 import json
@@ -109,10 +110,17 @@ def run_task(task, work_dir: Path, data_root: str, quick: bool, backbone_ckpt=No
     run(['tools/test.py', str(wd / 'deploy' / 'fused.py'), str(wd / 'deploy' / 'fused.pth'),
          '--work-dir', str(wd / 'test_fused'), '--out', str(wd / 'metrics_fused.json')] +
         cfg_opts, wd / 'test_fused.log', name)
+    print(f'== {name}: quantize the fused model to INT8 (tools/quantize.py)', flush=True)
+    run(['tools/quantize.py', task['config'], ckpt, str(wd / 'deploy' / 'int8.onnx'),
+         '--metrics-only', '--calib-batches', '1' if quick else '4', '--work-dir',
+         str(wd / 'quantize'), '--out', str(wd / 'metrics_int8.json')] + cfg_opts,
+        wd / 'quantize.log', name)
+    int8 = json.loads((wd / 'metrics_int8.json').read_text())
     before = json.loads((wd / 'metrics_unfused.json').read_text())[task['metric']]
     after = json.loads((wd / 'metrics_fused.json').read_text())[task['metric']]
     return dict(task=name, model=task['model'], label=task['label'], before=before, after=after,
-                err=err, train_s=train_s, checkpoint=ckpt)
+                err=err, train_s=train_s, checkpoint=ckpt, sqnr=int8['sqnr_db'],
+                int8=int8['metrics']['int8'][task['metric']])
 
 
 def _sub(task_name):
@@ -148,13 +156,14 @@ def main(argv=None):
                 backbone_ckpt = os.path.relpath(rows[-1]['checkpoint'], ROOT)
     print()
     print(f'{"task":<15}{"model":<27}{"metric":<11}{"un-fused":>9}{"fused":>9}'
-          f'{"feat. rel. err":>16}{"train s":>9}')
+          f'{"feat. rel. err":>16}{"INT8":>9}{"SQNR dB":>9}{"train s":>9}')
     ok = True
     for r in rows:
         same = abs(r['before'] - r['after']) <= 1e-6 * max(1.0, abs(r['before']))
         ok &= same
         print(f'{r["task"]:<15}{r["model"]:<27}{r["label"]:<11}{r["before"]:>9.4f}'
-              f'{r["after"]:>9.4f}{r["err"]:>16.2e}{r["train_s"]:>9.0f}'
+              f'{r["after"]:>9.4f}{r["err"]:>16.2e}{r["int8"]:>9.4f}{r["sqnr"]:>9.1f}'
+              f'{r["train_s"]:>9.0f}'
               f'{"" if same else "   <- differs"}')
     print(f'\nfused models: stock backbones (deploy configs under {args.work_dir}/*/deploy/); '
           f'total {time.time() - t0:.0f} s')
