@@ -115,7 +115,8 @@ class _ScaledBranches:
         c_out, c_mid_g, k = second.shape[0], second.shape[1], second.shape[-1]
         n, _, h, w = input_shape
         (s, p, d) = self.stride[0], self.padding[0], self.dilation[0]
-        h_out, w_out = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
+        h_out = (h + 2 * p - d * (k - 1) - 1) // s + 1
+        w_out = (w + 2 * p - d * (k - 1) - 1) // s + 1
         mid_positions = n * (h_out * w_out if self._stride_first() else h * w)
         mid = mid_positions * c_mid * c_in_g
         branch = n * h_out * w_out * c_out * c_mid_g * k * k

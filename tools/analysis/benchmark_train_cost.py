@@ -6,9 +6,12 @@
 
 Each variant runs in its own process, ``--repeats`` times, interleaved with the others; the
 table reports the fastest of those processes (its median step), which filters out a slow process
-on a shared machine (all per-process medians are kept in the JSON). A step is a full training step (forward, cross-entropy,
-backward, SGD with momentum); the table gives the median step time and the peak memory, and their
-ratios to the plain model of the same architecture. On a GPU: CUDA events and
+on a shared machine (all per-process medians are kept in the JSON); on the CPU it also gives the
+CPU time of the process per step (median; the least over the processes), which other work on the
+machine changes far less than the wall time (with ``--threads 1`` it is the step's own work).
+A step is a full training step (forward, cross-entropy, backward, SGD with momentum); the table
+gives the median step time and the peak memory, and their ratios to the plain model of the same
+architecture. On a GPU: CUDA events and
 ``max_memory_allocated``; on the CPU: wall clock and the peak resident memory of the process.
 ``--components`` adds the OREPA components one at a time (Fig. 8); ``--eval`` times the eval-mode
 forward of the un-fused model against the fused one.
@@ -193,7 +196,7 @@ def worker(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    def timed(fn, n):
+    def timed(fn, n, cpu_times=None):
         times = []
         for _ in range(n):
             if cuda:
@@ -205,9 +208,11 @@ def worker(spec: dict) -> dict:
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1000)
             else:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
                 times.append(time.perf_counter() - t)
+                if cpu_times is not None:
+                    cpu_times.append(time.process_time() - c)
         return times
 
     run = torch.compile(model) if spec.get('compile') else model
@@ -221,10 +226,13 @@ def worker(spec: dict) -> dict:
     timed(step, spec['warmup'])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = timed(step, spec['steps'])
+    cpu_times = []
+    times = timed(step, spec['steps'], cpu_times)
     sync()
     out = dict(spec, params=params, step_times=times,
                step_s=statistics.median(times) if times else float('nan'))
+    if cpu_times:  # CPU time of the process: what the step costs, whatever else runs
+        out['cpu_step_s'] = statistics.median(cpu_times)
     if cuda:
         out['peak_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
@@ -373,6 +381,8 @@ def main(argv=None):
         best = dict(min(measured, key=lambda r: r['step_s']))
         best['step_s_all'] = [r['step_s'] for r in measured]
         best['peak_mb'] = min(r['peak_mb'] for r in measured)
+        if all('cpu_step_s' in r for r in measured):
+            best['cpu_step_s'] = min(r['cpu_step_s'] for r in measured)
         if args.eval:
             best['eval_unfused_s'] = min(r['eval_unfused_s'] for r in measured)
             best['eval_fused_s'] = min(r['eval_fused_s'] for r in measured)
@@ -381,6 +391,8 @@ def main(argv=None):
     for r in results:
         p = plain.get(r['arch'])
         r['time_ratio'] = r['step_s'] / p['step_s'] if p else None
+        r['cpu_time_ratio'] = (r['cpu_step_s'] / p['cpu_step_s']
+                               if p and 'cpu_step_s' in r and 'cpu_step_s' in p else None)
         r['mem_ratio'] = r['peak_mb'] / p['peak_mb'] if p else None
         r['flops_ratio'] = r['flops'] / p['flops'] if p else None
         r['saved_ratio'] = r['saved_bytes'] / p['saved_bytes'] if p else None
@@ -407,6 +419,9 @@ def main(argv=None):
               f'{"torch.compile, " if args.compile else ""}median of {args.steps} steps after '
               f'{args.warmup}, fastest of {args.repeats} processes per variant')
         head = f'| arch | re-param | s/step | x plain | all processes s/step | {mem} | x plain |'
+        cpu = any(r.get('cpu_step_s') for r in results)
+        if cpu:
+            head += ' CPU s/step | x plain |'
         if args.eval:
             head += ' eval un-fused s | eval fused s | un-fused / fused |'
         print(head)
@@ -416,6 +431,8 @@ def main(argv=None):
             line = (f'| {r["arch"]} | {r["label"]} | {r["step_s"]:.3f} | '
                     f'{_ratio(r["time_ratio"])} | {every} | {r["peak_mb"]:.0f} | '
                     f'{_ratio(r["mem_ratio"])} |')
+            if cpu:
+                line += f' {r["cpu_step_s"]:.3f} | {_ratio(r["cpu_time_ratio"])} |'
             if args.eval:
                 line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
                          f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
