@@ -238,6 +238,10 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
 
     ``norm_cfg``: the layer owns the post-addition norm (Sec. 3.2) when given; used as a conv in a
     host network (``conv_cfg=dict(type='OREPA')``) it owns none and the host's norm plays that role.
+
+    ``route`` (:data:`ROUTES`): how a training step computes the 1x1-kxk branch, by composing its
+    kernels or on the feature maps; ``'auto'`` takes the one with fewer multiply-adds for the
+    input's shape (:meth:`pair_costs`). Same function and gradients; eval always convolves once.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None,
@@ -328,7 +332,8 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
 
     The square factor of the 1x1-1x1 pair (``weight_1x1_1x1_conv1`` when ``C_in <= C_out``, else
     ``weight_1x1_1x1_conv2``) starts as the identity, so the pair starts as a plain learnable 1x1;
-    the intermediate width is ``min(C_in, C_out)``.
+    the intermediate width is ``min(C_in, C_out)``. ``route``: as in :class:`OREPAConv2d`, for
+    the 1x1-1x1 pair.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0,
