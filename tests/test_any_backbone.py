@@ -4,6 +4,7 @@ base's stock checkpoint seeds it exactly; a checkpoint of other branches is name
 """
 import importlib
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ def _small_hrnet(backbone):
 
 # (toolbox, the toolbox's own config under .mim/configs, overrides that shrink it for test time:
 # ResNet-family widths to 16 channels (stem 32 where it is a 7x7), depth 101 -> 50, Res2Net 4
-# scales, HRNet a quarter of the widths and one block per branch; RegNet is the 400MF config's)
+# scales, HRNet a quarter of the widths and one block per branch, RegNet one block per stage of
+# widths 8, 16, 24, 40 in place of the 400MF arch)
 NARROW = dict(stem_channels=16, base_channels=16)
+SMALL_REGNET = dict(arch=dict(w0=8, wa=12.0, wm=1.5, group_w=8, depth=4, bot_mul=1.0))
 NARROW_7X7 = dict(stem_channels=32, base_channels=16)
 CASES = {
     'mmseg-ResNetV1c': ('mmseg', 'pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py', NARROW),
@@ -49,8 +52,9 @@ CASES = {
     'mmpretrain-HRNet': ('mmpretrain', 'hrnet/hrnet-w18_4xb32_in1k.py', _small_hrnet),
     'mmdet-HRNet': ('mmdet', 'hrnet/faster-rcnn_hrnetv2p-w18-1x_coco.py', _small_hrnet),
     'mmseg-HRNet': ('mmseg', 'hrnet/fcn_hr18_4xb2-40k_cityscapes-512x1024.py', _small_hrnet),
-    'mmpretrain-RegNet': ('mmpretrain', 'regnet/regnetx-400mf_8xb128_in1k.py', {}),
-    'mmdet-RegNet': ('mmdet', 'regnet/faster-rcnn_regnetx-400MF_fpn_ms-3x_coco.py', {}),
+    'mmpretrain-RegNet': ('mmpretrain', 'regnet/regnetx-400mf_8xb128_in1k.py', SMALL_REGNET),
+    'mmdet-RegNet': ('mmdet', 'regnet/faster-rcnn_regnetx-400MF_fpn_ms-3x_coco.py',
+                     SMALL_REGNET),
     'mmpretrain-Res2Net': ('mmpretrain', 'res2net/res2net50-w14-s8_8xb32_in1k.py',
                            dict(NARROW_7X7, scales=4)),
     'mmdet-Res2Net': ('mmdet', 'res2net/faster-rcnn_res2net-101_fpn_2x_coco.py',
@@ -229,3 +233,23 @@ _HRNET_TINY = dict(
 
 def teardown_module():
     DefaultScope._instance_dict.clear()
+
+
+ANY = sorted((Path(__file__).resolve().parents[1] / 'configs' / 'any').glob('*.py'))
+
+
+@pytest.mark.parametrize('path', ANY, ids=[p.stem for p in ANY])
+def test_two_line_configs_keep_the_base_and_deploy_to_it(path):
+    """configs/any/: the base config's backbone dict with only the type changed; its deploy
+    config is the base config's backbone (the base type, no mmorepa)."""
+    from mmorepa.deploy import deploy_config
+    cfg = Config.fromfile(str(path))
+    base = re.search(r"^_base_ = '(\w+)::(.+)'$", path.read_text(), re.M)
+    stock = base_backbone(base.group(1), base.group(2))
+    ours = cfg.model.backbone.to_dict()
+    assert ours.pop('type') == 'OREPA' + stock.pop('type')
+    ours.pop('init_cfg', None)
+    assert ours == stock
+    deployed = deploy_config(cfg)
+    assert 'custom_imports' not in deployed
+    assert deployed.model.backbone.to_dict() == base_backbone(base.group(1), base.group(2))
