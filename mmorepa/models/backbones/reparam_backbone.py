@@ -108,6 +108,17 @@ def _reparam_layer(conv: nn.Conv2d, conv_cfg: dict):
         return None, str(e)
 
 
+def check_conv_cfg(conv_cfg) -> None:
+    """A ``conv_cfg`` that builds no layer even for a plain 3x3 conv (8 -> 8 channels, which
+    every re-parameterization takes) has a bad option (a misspelt branch, scaling, ...): a
+    ``ValueError`` naming it, not a network whose convs all stay plain."""
+    probe = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    cfg = conv_cfg(probe, False) if callable(conv_cfg) else conv_cfg
+    _, why = _reparam_layer(probe, cfg)
+    if why is not None:
+        raise ValueError(f'conv_cfg {cfg!r} builds no layer, not even for a 3x3 conv: {why}')
+
+
 class ReparamBackboneMixin:
     """What :func:`reparam_class` adds to a stock backbone class.
 
@@ -141,6 +152,7 @@ class ReparamBackboneMixin:
         super().__init__(*args, **kwargs)
         self.deploy = deploy
         if reparam_conv_cfg is not None and not deploy:
+            check_conv_cfg(reparam_conv_cfg)
             kept = []
             swap_convs_(self, reparam_conv_cfg, kept=kept)
             if kept:
