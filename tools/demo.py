@@ -104,7 +104,7 @@ def run_task(task, work_dir: Path, data_root: str, quick: bool, backbone_ckpt=No
          '--out', str(wd / 'metrics_unfused.json')] + cfg_opts, wd / 'test.log', name)
     print(f'== {name}: fuse into the stock backbone', flush=True)
     out = run(['tools/deploy_convert.py', task['config'], ckpt, str(wd / 'deploy' / 'fused.pth'),
-               '--out-config', str(wd / 'deploy' / 'fused.py'),  # the demo's own: replaced on reruns
+               '--out-config', str(wd / 'deploy' / 'fused.py'),  # ours: replaced on reruns
                '--input-shape', '2', '3', '64', '64'] + cfg_opts, wd / 'convert.log', name)
     err = float(re.search(r'relative error: (\S+)', out).group(1))
     print(f'== {name}: evaluate the fused model with its deploy config', flush=True)
