@@ -318,47 +318,69 @@ def onnx_features(model: nn.Module, session, classifier: bool):
 
 
 # -- the training recipe ----------------------------------------------------------------------------
-def crest_penalty(model: nn.Module) -> torch.Tensor:
-    """Mean over the re-parameterized convs of ``model`` of the mean squared per-output-channel
-    crest factor of the squeezed kernel (the layer's kernel at this training step; the norm
-    after it scales whole output channels, so this is also the fused kernel's crest factor),
-    normalised by the kernel's fan-in (``crest^2 / n`` lies in ``[1/n, 1]``). The expected
-    relative noise power of per-channel int8 weight rounding is ``crest^2 / (3 * 127^2 * 4)``:
-    this is what the penalty lowers. Gradients reach every branch through the squeeze."""
-    terms = []
-    for m in model.modules():
-        if isinstance(m, ReparamConv2d) and not m.deploy:
-            kernel = m.squeeze()[0]
-            terms.append((crest_factor(kernel) ** 2 / kernel[0].numel()).mean())
-    if not terms:
+def squeezed_kernels(model: nn.Module) -> List[torch.Tensor]:
+    """The squeezed kernel of every re-parameterized conv of ``model``, nested ones (a large-kernel
+    stem's generators) included: the kernels :class:`CrestPenaltyOptimWrapper` records."""
+    return [m.squeeze()[0] for m in model.modules()
+            if isinstance(m, ReparamConv2d) and not m.deploy]
+
+
+def crest_penalty(kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over ``kernels`` of the mean squared per-output-channel crest factor, normalised by
+    the fan-in (``crest^2 / n`` lies in ``[1/n, 1]``). For a squeezed kernel this is also the fused
+    kernel's (the norm after it scales whole output channels). The expected relative noise power
+    of per-channel int8 rounding is ``crest^2 / (12 * 127^2)``: this is what the penalty lowers.
+    Gradients reach every branch and scaling vector through the squeeze."""
+    kernels = list(kernels)
+    if not kernels:
         raise ToolError('the crest-factor penalty found no re-parameterized conv in the model')
-    return torch.stack(terms).mean()
+    return torch.stack([(crest_factor(k) ** 2 / k[0].numel()).mean() for k in kernels]).mean()
 
 
 @OPTIM_WRAPPERS.register_module()
 class CrestPenaltyOptimWrapper(OptimWrapper):
-    """mmengine's ``OptimWrapper`` that adds ``weight * crest_penalty(model)`` to the loss at each
-    step (:func:`crest_penalty` on the squeezed kernels, which exist at every OREPA training
-    step): the fused kernels come out with flatter output channels, which per-channel int8
-    rounds more finely. Nothing changes at inference; the deployed model is the stock network."""
+    """mmengine's ``OptimWrapper`` that adds ``crest_weight * crest_penalty(kernels)`` to the loss
+    at each step, ``kernels`` being the squeezed kernels the forward pass just used (which exist
+    at every OREPA training step; recorded within :meth:`optim_context`, so nothing is squeezed
+    twice and the penalty's gradient joins the loss's in the same squeeze node). The fused kernels
+    come out with flatter output channels, which per-channel int8 rounds more finely. Nothing
+    changes at inference; the deployed model is the stock network."""
 
     def __init__(self, crest_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         if not crest_weight >= 0:
             raise ToolError(f'crest_weight must be >= 0, got {crest_weight!r}')
         self.crest_weight = float(crest_weight)
-        self._model = None
+        self._kernels = []
 
     @contextlib.contextmanager
     def optim_context(self, model: nn.Module):
-        self._model = model
-        with super().optim_context(model):
-            yield
+        """The forward pass, with each re-parameterized conv's ``squeeze`` recording its kernel
+        (an instance attribute set here and removed on exit)."""
+        self._kernels = []
+        layers = [m for m in model.modules() if isinstance(m, ReparamConv2d) and not m.deploy]
+
+        def recording(squeeze):
+            def squeeze_and_record():
+                kernel, bias = squeeze()
+                self._kernels.append(kernel)
+                return kernel, bias
+            return squeeze_and_record
+
+        for m in layers:
+            m.squeeze = recording(m.squeeze)
+        try:
+            with super().optim_context(model):
+                yield
+        finally:
+            for m in layers:
+                del m.__dict__['squeeze']
 
     def update_params(self, loss: torch.Tensor, **kwargs) -> None:
-        if self.crest_weight and self._model is not None:
-            penalty = crest_penalty(self._model)
+        if self.crest_weight and self._kernels:
+            penalty = crest_penalty(self._kernels)
             MessageHub.get_current_instance().update_scalar('train/crest_penalty',
                                                             penalty.item())
             loss = loss + self.crest_weight * penalty
+        self._kernels = []
         super().update_params(loss, **kwargs)

@@ -128,7 +128,7 @@ class _TinyNet(nn.Module):
 def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
     torch.manual_seed(0)
     model = randomize_network_(_TinyNet(), torch.Generator().manual_seed(1))
-    penalty = Q.crest_penalty(model)
+    penalty = Q.crest_penalty(Q.squeezed_kernels(model))
     penalty.backward()
     for name, p in model.named_parameters():
         if 'bn' not in name:  # every branch and scaling vector of the three OREPA layers
@@ -141,10 +141,13 @@ def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
         crest_weight=0.5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with wrapper.optim_context(model):
         loss = model(x).square().mean()
+    # each re-parameterized conv's squeeze ran once (the stem's generators are such convs too)
+    assert len(wrapper._kernels) == len(Q.squeezed_kernels(model)) == 5
+    assert 'squeeze' not in vars(model.conv)
     wrapper.update_params(loss)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     ref_opt.zero_grad()
-    (ref(x).square().mean() + 0.5 * Q.crest_penalty(ref)).backward()
+    (ref(x).square().mean() + 0.5 * Q.crest_penalty(Q.squeezed_kernels(ref))).backward()
     ref_opt.step()
     assert rel_err(model.conv.weight_kxk.detach(), ref.conv.weight_kxk.detach()) < 1e-6
     before = Q.crest_factor(ref.conv.squeeze()[0]).mean()
