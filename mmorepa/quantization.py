@@ -340,9 +340,10 @@ def crest_penalty(kernels: Sequence[torch.Tensor]) -> torch.Tensor:
 @OPTIM_WRAPPERS.register_module()
 class CrestPenaltyOptimWrapper(OptimWrapper):
     """mmengine's ``OptimWrapper`` that adds ``crest_weight * crest_penalty(kernels)`` to the loss
-    at each step, ``kernels`` being the squeezed kernels the forward pass just used (which exist
-    at every OREPA training step; recorded within :meth:`optim_context`, so nothing is squeezed
-    twice and the penalty's gradient joins the loss's in the same squeeze node). The fused kernels
+    at each step, ``kernels`` being the squeezed kernels of every re-parameterized conv (which
+    exist at every OREPA training step): those the forward pass computed are recorded within
+    :meth:`optim_context` and reused (the penalty's gradient joins the loss's in the same squeeze
+    node); a layer that ran its 1x1-kxk pair on the feature maps is squeezed in full. The fused kernels
     come out with flatter output channels, which per-channel int8 rounds more finely. Nothing
     changes at inference; the deployed model is the stock network."""
 
@@ -351,36 +352,40 @@ class CrestPenaltyOptimWrapper(OptimWrapper):
         if not crest_weight >= 0:
             raise ToolError(f'crest_weight must be >= 0, got {crest_weight!r}')
         self.crest_weight = float(crest_weight)
-        self._kernels = []
+        self._layers, self._kernels = [], {}
 
     @contextlib.contextmanager
     def optim_context(self, model: nn.Module):
-        """The forward pass, with each re-parameterized conv's ``squeeze`` recording its kernel
-        (an instance attribute set here and removed on exit)."""
-        self._kernels = []
-        layers = [m for m in model.modules() if isinstance(m, ReparamConv2d) and not m.deploy]
+        """The forward pass, with each re-parameterized conv's ``squeeze`` recording the full
+        kernel it returns (an instance attribute set here and removed on exit); a layer that
+        squeezed only part of it (the pair on the feature maps) is squeezed in full later."""
+        self._layers = [m for m in model.modules()
+                        if isinstance(m, ReparamConv2d) and not m.deploy]
+        self._kernels = {}
 
-        def recording(squeeze):
-            def squeeze_and_record():
-                kernel, bias = squeeze()
-                self._kernels.append(kernel)
+        def recording(layer, squeeze):
+            def squeeze_and_record(*args, **kwargs):
+                kernel, bias = squeeze(*args, **kwargs)
+                if not args and not kwargs:
+                    self._kernels[layer] = kernel
                 return kernel, bias
             return squeeze_and_record
 
-        for m in layers:
-            m.squeeze = recording(m.squeeze)
+        for m in self._layers:
+            m.squeeze = recording(m, m.squeeze)
         try:
             with super().optim_context(model):
                 yield
         finally:
-            for m in layers:
+            for m in self._layers:
                 del m.__dict__['squeeze']
 
     def update_params(self, loss: torch.Tensor, **kwargs) -> None:
-        if self.crest_weight and self._kernels:
-            penalty = crest_penalty(self._kernels)
+        if self.crest_weight and self._layers:
+            penalty = crest_penalty([self._kernels[m] if m in self._kernels else m.squeeze()[0]
+                                     for m in self._layers])
             MessageHub.get_current_instance().update_scalar('train/crest_penalty',
                                                             penalty.item())
             loss = loss + self.crest_weight * penalty
-        self._kernels = []
+        self._layers, self._kernels = [], {}
         super().update_params(loss, **kwargs)

@@ -142,7 +142,7 @@ def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
     with wrapper.optim_context(model):
         loss = model(x).square().mean()
     # each re-parameterized conv's squeeze ran once (the stem's generators are such convs too)
-    assert len(wrapper._kernels) == len(Q.squeezed_kernels(model)) == 5
+    assert len(wrapper._layers) == len(Q.squeezed_kernels(model)) == 5
     assert 'squeeze' not in vars(model.conv)
     wrapper.update_params(loss)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
