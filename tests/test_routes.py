@@ -145,3 +145,17 @@ def test_route_option_through_conv_cfg_keeps_keys_and_eval_cache():
     with torch.no_grad():
         fused = layer.to_conv2d()
         assert rel_err(layer(x), fused(x)) <= 1e-5
+
+
+def test_orepa_resnet_takes_the_route_option():
+    """``OREPAResNet(orepa_cfg=dict(route=...))`` reaches every OREPA layer; 'auto' by default."""
+    from mmengine.registry import DefaultScope
+    from mmorepa import OREPAResNet
+    from mmorepa.layers.orepa import OREPAConv1x1
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        for route in ('kernel', 'feature', None):
+            cfg = None if route is None else dict(route=route)
+            model = OREPAResNet(depth=50, base_channels=8, stem_channels=8, orepa_cfg=cfg)
+            routes = {m.route for n, m in model.named_modules() if isinstance(
+                m, (OREPAConv2d, OREPAConv1x1)) and '.generators.' not in n}  # kernels only
+            assert routes == {route or 'auto'}

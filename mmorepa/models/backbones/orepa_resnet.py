@@ -15,7 +15,8 @@ from ...layers import BRANCHES
 from .reparam_backbone import reparam_class, stock_class
 
 REPARAMS = ('none', 'dbb', 'orepa')
-OREPA_OPTIONS = dict(branches=BRANCHES, scaling='vector', linear_deep_stem=True, rep_1x1=None)
+OREPA_OPTIONS = dict(branches=BRANCHES, scaling='vector', linear_deep_stem=True, rep_1x1=None,
+                     route='auto')
 _OURS = ('type', '_scope_', 'reparam', 'orepa_cfg', 'deploy', 'stage_blocks')
 
 
@@ -30,7 +31,8 @@ def resnet_conv_cfg(reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
     ``'orepa'``: OREPA 3x3 blocks, the linear deep stem for the 7x7, Rep-1x1 for the 1x1 convs of
     bottleneck networks (a BasicBlock network's only 1x1s are its shortcuts: they stay plain).
     ``orepa_cfg`` holds the ablations of Tables 2 and 3: ``branches``, ``scaling``
-    (``'vector' | 'scalar' | 'none'``), ``linear_deep_stem``, ``rep_1x1`` (default: bottleneck).
+    (``'vector' | 'scalar' | 'none'``), ``linear_deep_stem``, ``rep_1x1`` (default: bottleneck);
+    and ``route`` (``'auto' | 'kernel' | 'feature'``: how training computes the C^3 pairs).
     ``'dbb'``: DBB blocks for the 7x7 and 3x3 convs. ``'none'``: the vanilla ResNet (``None``).
     """
     if reparam not in REPARAMS:
