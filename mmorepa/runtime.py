@@ -256,6 +256,15 @@ def check_model_builds(cfg: Config, source) -> None:
     build_model_of(cfg, source)
 
 
+def end_distributed():
+    """Destroy the default process group, if a launcher made one, once a tool's work is done:
+    left to the interpreter's exit, its threads are torn down in no set order and a rank can
+    abort (``terminate called without an active exception``) after a run that succeeded."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def build_runner(cfg: Config):
     """mmengine's ``Runner``, or the config's own ``runner_type``."""
     from mmengine.registry import RUNNERS
