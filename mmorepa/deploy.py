@@ -96,9 +96,10 @@ def load_checkpoint_strict(model: nn.Module, path) -> nn.Module:
     try:
         check_state_dict_fits(model, state_dict, str(path))
     except CheckpointError as mismatch:
-        if not _plain_weights(model, state_dict):
+        seeded = _plain_weights(model, state_dict)
+        if not seeded:
             raise CheckpointError(f'{mismatch}{_fused_hint(Path(path))}') from None
-        return _load_seeding(model, state_dict, Path(path))
+        return _load_seeding(model, state_dict, seeded, Path(path))
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -117,11 +118,12 @@ def _plain_weights(model: nn.Module, state_dict) -> Dict[str, nn.Module]:
     return layers
 
 
-def _load_seeding(model: nn.Module, state_dict, path: Path) -> nn.Module:
+def _load_seeding(model: nn.Module, state_dict, seeded: Dict[str, nn.Module],
+                  path: Path) -> nn.Module:
     """Load ``state_dict`` with plain conv weights for re-parameterized layers, which seed from
     them; a layer whose kernel then differs from its plain weight (a factorisation that is not
-    exact) is refused: the loaded model would not compute what the checkpoint does."""
-    seeded = _plain_weights(model, state_dict)
+    exact) is refused: the loaded model would not compute what the checkpoint does.
+    ``seeded``: the layers that take a plain weight (:func:`_plain_weights`)."""
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a size mismatch, or a plain weight that cannot seed its layer
