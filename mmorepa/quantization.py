@@ -27,7 +27,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
 from .deploy import atomic_write
-from .layers.base import ReparamConv2d
+from .layers.base import ReparamConv2d, per_channel_fake_quant
 from .runtime import ToolError
 
 CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
@@ -262,9 +262,7 @@ def activation_stats(qdq, fp32, inputs) -> List[dict]:
 def per_channel_int8(weight: torch.Tensor) -> torch.Tensor:
     """Symmetric per-output-channel int8 rounding (scale ``max|w| / 127``), dequantized: what
     onnxruntime's per-channel weight quantization does to ``weight``."""
-    flat = weight.flatten(1)
-    scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-    return (torch.round(flat / scale).clamp(-127, 127) * scale).reshape(weight.shape)
+    return per_channel_fake_quant(weight.detach(), 8)
 
 
 def crest_factor(weight: torch.Tensor) -> torch.Tensor:

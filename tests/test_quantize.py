@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import mmorepa
 from mmorepa import quantization as Q
 from mmorepa.layers import OREPAConv1x1, OREPAConv2d, OREPALargeConv
 
-from helpers import randomize_network_, rel_err
+from helpers import bn_eval, randomize_network_, rel_err
 
 pytest.importorskip('onnxruntime')
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,13 +111,13 @@ def test_quantize_refusals_are_one_line(tiny, tmp_path, capsys):
 
 
 class _TinyNet(nn.Module):
-    def __init__(self):
+    def __init__(self, fake_quant_bits=None):
         super().__init__()
-        self.stem = OREPALargeConv(3, 8, 5, stride=2, padding=2)
+        self.stem = OREPALargeConv(3, 8, 5, stride=2, padding=2, fake_quant_bits=fake_quant_bits)
         self.bn0 = nn.BatchNorm2d(8)
-        self.conv = OREPAConv2d(8, 8, 3, padding=1)
+        self.conv = OREPAConv2d(8, 8, 3, padding=1, fake_quant_bits=fake_quant_bits)
         self.bn1 = nn.BatchNorm2d(8)
-        self.down = OREPAConv1x1(8, 16, 1, stride=2, padding=0)
+        self.down = OREPAConv1x1(8, 16, 1, stride=2, padding=0, fake_quant_bits=fake_quant_bits)
         self.bn2 = nn.BatchNorm2d(16)
 
     def forward(self, x):
@@ -160,6 +161,86 @@ def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
         fused = mmorepa.reparameterize(model)(x)
     assert rel_err(fused, unfused) < 1e-12
     assert before > 1
+
+
+def _int8_rounded(weight):
+    """Symmetric per-output-channel int8 rounding (step max|w| / 127), dequantized: onnxruntime's
+    weight quantization, written out independently in numpy."""
+    w = weight.detach().cpu().numpy()
+    flat = w.reshape(w.shape[0], -1)
+    step = np.abs(flat).max(1, keepdims=True) / 127
+    return torch.from_numpy((np.clip(np.round(flat / step), -127, 127) * step).reshape(w.shape))
+
+
+def _tiny_on_feature_maps(net, x, kernels):
+    """_TinyNet computed with the given kernels (one per OREPA layer) on feature maps, its norms
+    in the net's mode."""
+    for layer, bn, kernel in zip((net.stem, net.conv, net.down), (net.bn0, net.bn1, net.bn2),
+                                 kernels):
+        x = F.conv2d(x, kernel, None, layer.stride, layer.padding)
+        x = bn(x) if bn.training else bn_eval(x, bn)
+        x = torch.relu(x) if layer is not net.down else x
+    return x
+
+
+def test_fake_quant_trains_on_the_int8_grid_with_straight_through_gradients():
+    """OREPA layers with fake_quant_bits=8 train with their squeezed kernels rounded per output
+    channel as onnxruntime rounds weights, and the gradient of the rounded kernel reaches every
+    branch and scaling vector unchanged (straight through the rounding, back through the
+    squeeze): compared with the kernels rounded by _int8_rounded on feature maps."""
+    torch.manual_seed(0)
+    net = randomize_network_(_TinyNet(fake_quant_bits=8), torch.Generator().manual_seed(1))
+    net = net.double().train()
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    layers = (ref.stem, ref.conv, ref.down)
+    rounded = [_int8_rounded(m.squeeze()[0]).requires_grad_() for m in layers]
+    expected = _tiny_on_feature_maps(ref, x, rounded)
+    out = net(x)
+    assert rel_err(out, expected) < 1e-12
+    # not the float kernels' output: the rounding acted
+    assert rel_err(_tiny_on_feature_maps(ref, x, [m.squeeze()[0] for m in layers]), out) > 1e-5
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for ref_layer, layer, kernel in zip(layers, (net.stem, net.conv, net.down), rounded):
+        names, params = zip(*ref_layer.named_parameters())
+        grads = torch.autograd.grad(ref_layer.squeeze()[0], params, kernel.grad)
+        for name, p, g in zip(names, dict(layer.named_parameters()).values(), grads):
+            assert g.abs().sum() > 0 and rel_err(p.grad, g) < 1e-10, name
+    # the option reaches the layers through the backbone's orepa_cfg (every OREPA layer), and a
+    # layer that would not form the full kernel is refused
+    assert net.conv.pair_route(x[:, :1].expand(-1, 8, -1, -1)) == 'kernel'
+    with pytest.raises(ValueError, match='route'):
+        OREPAConv2d(8, 8, 3, route='feature', fake_quant_bits=8)
+    cfg = mmorepa.runtime.read_config(CLS_CFG, dict(TINY, **{
+        'model.backbone.orepa_cfg': dict(fake_quant_bits=8)}))
+    model = mmorepa.deploy.build_model(cfg)
+    reparam = [m for m in model.modules() if isinstance(m, mmorepa.layers.ReparamConv2d)]
+    generators = {g for m in reparam if isinstance(m, OREPALargeConv) for g in m.generators}
+    assert len(reparam) - len(generators) == 17 and generators  # the stem, 16 3x3 convs
+    assert all((m.fake_quant_bits is None) == (m in generators) for m in reparam)
+
+
+def test_fake_quant_fuses_exactly_onto_the_int8_grid():
+    """Fused, a model with fake_quant_bits=8 equals the un-fused one in eval (random BN
+    statistics, float64; the reference convolves the rounded kernels and normalizes on feature
+    maps), and each fused kernel, the norm folded in, lies on its own per-channel int8 grid: the
+    rounding of per-channel weight quantization leaves it unchanged."""
+    torch.manual_seed(0)
+    net = randomize_network_(_TinyNet(fake_quant_bits=8), torch.Generator().manual_seed(2))
+    net = net.double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    fused = mmorepa.reparameterize(net)
+    with torch.no_grad():
+        expected = _tiny_on_feature_maps(net, x, [_int8_rounded(m.squeeze()[0])
+                                                  for m in (net.stem, net.conv, net.down)])
+        assert rel_err(fused(x), expected) < 1e-12
+        assert rel_err(net(x), expected) < 1e-12
+    for conv in (fused.stem, fused.conv, fused.down):
+        assert isinstance(conv, nn.Conv2d)
+        w = conv.weight.detach()
+        assert rel_err(_int8_rounded(w), w) < 1e-12
+        assert rel_err(_int8_rounded(w.float()).double(), w) < 1e-6  # float32, as exported
 
 
 def test_variants_bypass_exactly(tmp_path):

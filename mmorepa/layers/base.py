@@ -16,6 +16,12 @@ any kind (foreach and fused kernels do not always bump tensors' version counters
 ``param.data`` (mmengine's EMA), ``load_state_dict``, ``copy_`` under ``no_grad``, ``.to()``. The
 check reads each parameter once, a small fraction of the squeeze it saves. Train mode always
 regenerates the kernel; under ``torch.compile`` tracing the kernel is computed in the graph.
+
+``fake_quant_bits`` (INT8 deployment): the layer's kernel is its squeezed kernel rounded to the
+symmetric per-output-channel grid of that many bits (:func:`per_channel_fake_quant`), in training
+(straight-through gradient), in eval and when fused. A norm folded in afterwards scales whole
+output channels, which moves each channel's grid with it, so the fused kernel lies on the grid
+that per-channel weight quantization (onnxruntime, TensorRT) gives it: its rounding is exact.
 """
 import contextlib
 import logging
@@ -78,6 +84,25 @@ def bn_fuse(kernel: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> Tuple[Ten
     return K.fuse_bn(kernel, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
+def per_channel_fake_quant(weight: Tensor, bits: int = 8) -> Tensor:
+    """``weight`` rounded per output channel to ``bits``-bit symmetric integers (step
+    ``max|w| / (2^(bits-1) - 1)``, the scale of per-channel weight quantization), dequantized;
+    the gradient passes straight through (identity). The value is exactly the rounded one."""
+    flat = weight.flatten(1)
+    qmax = 2 ** (bits - 1) - 1
+    step = flat.detach().abs().amax(1, keepdim=True).clamp_min(1e-30) / qmax
+    rounded = torch.round(flat.detach() / step).clamp(-qmax, qmax) * step
+    return (rounded + (flat - flat.detach())).reshape(weight.shape)
+
+
+def check_fake_quant_bits(bits) -> Optional[int]:
+    """``None`` or an int in 2..16; a ``ValueError`` naming the value otherwise."""
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
+                             or not 2 <= bits <= 16):
+        raise ValueError(f'fake_quant_bits must be None or an int in 2..16, got {bits!r}')
+    return bits
+
+
 def _autocast_off(device_type: str):
     """Autocast switched off for ``device_type`` (the kernel algebra runs in the parameters'
     precision), or nothing to do where autocast is off."""
@@ -112,13 +137,15 @@ class ReparamConv2d(nn.Module):
     Subclasses build their branches in ``_build_branches()`` and compute the linear kernel (and
     bias, or ``None``) in ``squeeze()``. A layer may own a post-addition norm ``self.bn``.
     Attributes mirror ``nn.Conv2d`` (``in_channels``, ``kernel_size``, ``stride``, ...), so code that
-    inspects a host's conv keeps working.
+    inspects a host's conv keeps working. ``fake_quant_bits``: see the module docstring; the
+    layer's kernel is :meth:`kernel_and_bias` (the squeezed one, rounded when it is set).
     """
 
     transposed = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=None,
-                 dilation=1, groups: int = 1, bias: bool = False, deploy: bool = False):
+                 dilation=1, groups: int = 1, bias: bool = False, deploy: bool = False,
+                 fake_quant_bits: Optional[int] = None):
         super().__init__()
         k, stride, padding, dilation = check_conv_args(in_channels, out_channels, kernel_size,
                                                        stride, padding, dilation, groups)
@@ -131,6 +158,7 @@ class ReparamConv2d(nn.Module):
         self.output_padding = (0, 0)
         self.groups = groups
         self.deploy = deploy
+        self.fake_quant_bits = check_fake_quant_bits(fake_quant_bits)
         # What the host asked for: a layer that stands in for a bias-free conv (``bias=False``,
         # no norm of its own) but fuses to one with a bias (DBB) has that bias folded into the
         # norm that follows it (:func:`mmorepa.reparameterize`), so the host's keys stay plain.
@@ -145,6 +173,14 @@ class ReparamConv2d(nn.Module):
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------------------
+    def kernel_and_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The layer's kernel before its own norm: the squeezed one, rounded to its per-channel
+        grid (straight-through gradient) when ``fake_quant_bits`` is set."""
+        kernel, bias = self.squeeze()
+        if self.fake_quant_bits is not None:
+            kernel = per_channel_fake_quant(kernel, self.fake_quant_bits)
+        return kernel, bias
+
     def _init_deploy(self, bias: bool):
         k = self.kernel_size[0]
         self.weight = nn.Parameter(
@@ -156,7 +192,7 @@ class ReparamConv2d(nn.Module):
         """The kernel and bias of the equivalent plain conv in eval mode (differentiable)."""
         if self.deploy:
             return self.weight, self.bias
-        kernel, bias = self.squeeze()
+        kernel, bias = self.kernel_and_bias()
         if self.bn is not None:
             kernel, bias = bn_fuse(kernel, bias, self.bn)
         return kernel, bias
@@ -206,7 +242,7 @@ class ReparamConv2d(nn.Module):
                     kernel, bias = self._cached_fused()
             return self._conv(x, kernel, bias)
         with _autocast_off(x.device.type):
-            kernel, bias = self.squeeze()
+            kernel, bias = self.kernel_and_bias()
         out = self._conv(x, kernel, bias)
         return self.bn(out) if self.bn is not None else out
 
@@ -303,8 +339,13 @@ class ReparamConv2d(nn.Module):
         for key, value in self.state_dict().items():
             state_dict[prefix + key] = values.get(key, value).detach().to(
                 device=value.device, dtype=value.dtype).clone()
+        what = 'squeezed kernel'
+        if self.fake_quant_bits is not None:  # the layer's kernel is the seeded one rounded
+            what = f'kernel (squeezed, rounded to {self.fake_quant_bits} bits)'
+            err = max(err, float((per_channel_fake_quant(weight, self.fake_quant_bits) - weight)
+                                 .norm() / weight.norm().clamp_min(1e-300)))
         exact = err <= 1e-6
-        print_log(f'{name}: seeded from a plain {k}x{k} conv weight, squeezed kernel '
+        print_log(f'{name}: seeded from a plain {k}x{k} conv weight, {what} '
                   f'{"exact" if exact else "NOT exact"} (relative error {err:.1e} in float64)',
                   logger='current', level=logging.INFO if exact else logging.WARNING)
 

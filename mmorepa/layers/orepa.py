@@ -9,7 +9,7 @@ from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
 from .. import kernels as K
-from .base import ReparamConv2d, _autocast_off, _pair_square
+from .base import ReparamConv2d, _autocast_off, _pair_square, check_fake_quant_bits
 from .offline import DiverseBranchBlock
 
 # Branch names, in the row order of the scaling vector (the order of the official checkpoints).
@@ -92,6 +92,8 @@ class _ScaledBranches:
 
     def _set_route(self, route: str):
         _check_choice(route, ROUTES, 'route')
+        if route == 'feature' and self.fake_quant_bits is not None:
+            raise ValueError("route='feature' never forms the kernel that fake_quant_bits rounds")
         self.route = route
 
     def pair_costs(self, input_shape, input_needs_grad: bool = True,
@@ -127,7 +129,7 @@ class _ScaledBranches:
 
     def pair_route(self, x: Tensor) -> str:
         """``'kernel'`` or ``'feature'``: how a training step on ``x`` computes the pair."""
-        if PAIR not in self._squeeze_terms()[0]:
+        if PAIR not in self._squeeze_terms()[0] or self.fake_quant_bits is not None:
             return 'kernel'
         if self.route != 'auto':
             return self.route
@@ -248,9 +250,10 @@ class OREPAConv2d(_ScaledBranches, ReparamConv2d):
                  dilation=1, groups: int = 1, bias: bool = False,
                  branches: Sequence[str] = BRANCHES, scaling: str = 'vector',
                  scale_init: Optional[Dict[str, float]] = None, norm_cfg: Optional[dict] = None,
-                 dw_expansion: int = 8, deploy: bool = False, route: str = 'auto'):
+                 dw_expansion: int = 8, deploy: bool = False, route: str = 'auto',
+                 fake_quant_bits: Optional[int] = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, deploy)
+                         bias, deploy, fake_quant_bits)
         # Canonical order, whatever order the caller used.
         self.branches = check_branches(branches, BRANCHES)
         self._set_route(route)
@@ -340,9 +343,9 @@ class OREPAConv1x1(_ScaledBranches, ReparamConv2d):
                  dilation=1, groups: int = 1, bias: bool = False,
                  branches: Sequence[str] = REP1X1_BRANCHES, scaling: str = 'vector',
                  scale_init: Optional[Dict[str, float]] = None, norm_cfg: Optional[dict] = None,
-                 deploy: bool = False, route: str = 'auto'):
+                 deploy: bool = False, route: str = 'auto', fake_quant_bits: Optional[int] = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, deploy)
+                         bias, deploy, fake_quant_bits)
         if self.kernel_size != (1, 1):
             raise ValueError(f'OREPAConv1x1 needs kernel_size=1, got {kernel_size!r}')
         self.branches = check_branches(branches, REP1X1_BRANCHES)
@@ -404,9 +407,10 @@ class OREPALargeConv(ReparamConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=7, stride=1, padding=None,
                  dilation=1, groups: int = 1, bias: bool = False, norm_cfg: Optional[dict] = None,
-                 generator_cfg: Optional[dict] = None, deploy: bool = False):
+                 generator_cfg: Optional[dict] = None, deploy: bool = False,
+                 fake_quant_bits: Optional[int] = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, deploy)
+                         bias, deploy, fake_quant_bits)
         k = self.kernel_size[0]
         if k < 5:
             raise ValueError(f'OREPALargeConv needs an odd kernel_size >= 5, got {kernel_size!r}')
@@ -414,7 +418,7 @@ class OREPALargeConv(ReparamConv2d):
             self._init_deploy(bias or norm_cfg is not None)
             return
         cfg = dict(generator_cfg or {})
-        for key in ('norm_cfg', 'bias', 'deploy', 'kernel_size'):
+        for key in ('norm_cfg', 'bias', 'deploy', 'kernel_size', 'fake_quant_bits'):
             if key in cfg:
                 raise ValueError(f'generator_cfg may not set {key!r}')
         channels = [in_channels] + [out_channels] * ((k - 1) // 2)
@@ -456,7 +460,8 @@ def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
           groups: int = 1, bias: bool = True, branches: Sequence[str] = BRANCHES,
           rep1x1_branches: Sequence[str] = REP1X1_BRANCHES, scaling: str = 'vector',
           rep_1x1: bool = True, linear_deep_stem: bool = True, norm_cfg: Optional[dict] = None,
-          deploy: bool = False, route: str = 'auto') -> nn.Module:
+          deploy: bool = False, route: str = 'auto',
+          fake_quant_bits: Optional[int] = None) -> nn.Module:
     """The ``conv_cfg`` type: ``nn.Conv2d``'s signature, the OREPA layer chosen by kernel size.
 
     1: :class:`OREPAConv1x1` (Rep-1x1, branches ``rep1x1_branches``; a plain ``nn.Conv2d`` with
@@ -466,26 +471,30 @@ def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
     OREPA-ResNet; the other keys (``branches``, ``scaling``, ``rep_1x1``, ``linear_deep_stem``)
     select the ablations of Tables 2 and 3; ``route`` (``'auto' | 'kernel' | 'feature'``) how
     training computes the 1x1-kxk and 1x1-1x1 pairs (the deep stem's generators are kernels only,
-    always composed). Every option is checked whatever the kernel size.
+    always composed); ``fake_quant_bits`` (e.g. 8) trains, evaluates and fuses each OREPA layer's
+    kernel rounded to its per-channel grid (:class:`~mmorepa.layers.ReparamConv2d`; the kernel
+    route). Every option is checked whatever the kernel size.
     """
     k = _pair_square(kernel_size, 'kernel_size')
     check_branches(branches, BRANCHES)
     check_branches(rep1x1_branches, REP1X1_BRANCHES, 'rep1x1_branches')
     _check_choice(scaling, SCALINGS, 'scaling')
     _check_choice(route, ROUTES, 'route')
+    check_fake_quant_bits(fake_quant_bits)
     common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    layer = dict(common, fake_quant_bits=fake_quant_bits)
     plain = (k == 1 and not rep_1x1) or (k >= 5 and not linear_deep_stem)
     if plain or deploy:  # deployed: a layer's own norm leaves a bias
         return _plain_conv(in_channels, out_channels, k,
                            **dict(common, bias=bias or (deploy and norm_cfg is not None)))
     if k == 1:
         return OREPAConv1x1(in_channels, out_channels, 1, branches=rep1x1_branches,
-                            scaling=scaling, norm_cfg=norm_cfg, route=route, **common)
+                            scaling=scaling, norm_cfg=norm_cfg, route=route, **layer)
     if k == 3:
         return OREPAConv2d(in_channels, out_channels, 3, branches=branches, scaling=scaling,
-                           norm_cfg=norm_cfg, route=route, **common)
+                           norm_cfg=norm_cfg, route=route, **layer)
     if k >= 5 and k % 2:
-        return OREPALargeConv(in_channels, out_channels, k, norm_cfg=norm_cfg, **common,
+        return OREPALargeConv(in_channels, out_channels, k, norm_cfg=norm_cfg, **layer,
                               generator_cfg=dict(branches=branches, scaling=scaling))
     raise ValueError(f'OREPA supports kernel_size 1, 3 or odd >= 5, got {kernel_size!r}')
 

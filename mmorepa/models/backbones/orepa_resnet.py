@@ -16,7 +16,7 @@ from .reparam_backbone import reparam_class, stock_class
 
 REPARAMS = ('none', 'dbb', 'orepa')
 OREPA_OPTIONS = dict(branches=BRANCHES, scaling='vector', linear_deep_stem=True, rep_1x1=None,
-                     route='auto')
+                     route='auto', fake_quant_bits=None)
 _OURS = ('type', '_scope_', 'reparam', 'orepa_cfg', 'deploy', 'stage_blocks')
 
 
@@ -32,7 +32,8 @@ def resnet_conv_cfg(reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
     bottleneck networks (a BasicBlock network's only 1x1s are its shortcuts: they stay plain).
     ``orepa_cfg`` holds the ablations of Tables 2 and 3: ``branches``, ``scaling``
     (``'vector' | 'scalar' | 'none'``), ``linear_deep_stem``, ``rep_1x1`` (default: bottleneck);
-    and ``route`` (``'auto' | 'kernel' | 'feature'``: how training computes the C^3 pairs).
+    ``route`` (``'auto' | 'kernel' | 'feature'``: how training computes the C^3 pairs); and
+    ``fake_quant_bits`` (INT8 deployment: kernels on their per-channel grid, see ``OREPA``).
     ``'dbb'``: DBB blocks for the 7x7 and 3x3 convs. ``'none'``: the vanilla ResNet (``None``).
     """
     if reparam not in REPARAMS:
