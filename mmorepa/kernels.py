@@ -5,12 +5,14 @@ Every function here works on kernels only (never on feature maps), is differenti
 dtype and device of its inputs. The layers in :mod:`mmorepa.layers` compose these functions; the
 paper's equations are named in each docstring (``Eq.`` = main paper, ``supp`` = supplementary).
 """
+import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 __all__ = [
     'fuse_bn', 'pad_to', 'compose', 'compose_1x1', 'compose_1x1_depthwise', 'avg_kernel',
@@ -393,12 +395,12 @@ def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, ident
     return total
 
 
-class _Squeeze(torch.autograd.Function):
-    """:func:`squeeze_reference` as one autograd node that saves only its leaf tensors (the
-    layer's parameters, which are kept anyway) and recomputes what its backward needs.
-
-    Backward, with ``G`` the gradient of the squeezed kernel and ``s`` a branch's scaling vector
-    (chain rule through Eq. 3, 4 and supp Eq. 2, per group; ``<., .>_o``: sum over all but the
+def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, groups, in_channels,
+                      identity, freq_prior):
+    """The backward of :func:`squeeze`: the gradients of the leaves (``None`` where ``needs`` is
+    false) and of the scales (``None`` unless ``need_scales``) for ``grad``, the gradient of the
+    squeezed kernel. With ``G`` the gradient of the squeezed kernel and ``s`` a branch's scaling
+    vector (chain rule through Eq. 3, 4 and supp Eq. 2, per group; ``<., .>_o``: sum over all but the
     output channel):
 
     - kxk: ``dW = s G``; ``ds = <G, W>_o``.
@@ -415,119 +417,193 @@ class _Squeeze(torch.autograd.Function):
     of autograd through :func:`squeeze_reference` (no more FLOPs); the element-wise work is one
     pass per layout change or scaling, scaling fused into the layout changes.
     """
-
-    @staticmethod
-    def forward(meta, scales, identity, freq_prior, *tensors):
-        branches, k, groups, in_channels, names = meta
-        return _squeeze_accumulated(branches, dict(zip(names, tensors)), scales, k, groups,
-                                    in_channels, identity, freq_prior)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        meta, scales, identity, freq_prior, *tensors = inputs
-        ctx.meta = meta
-        ctx.save_for_backward(scales, identity, freq_prior, *tensors)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        branches, k, groups, in_channels, names = ctx.meta
-        scales, identity, freq_prior, *tensors = ctx.saved_tensors
-        leaves = dict(zip(names, tensors))
-        needs = dict(zip(names, ctx.needs_input_grad[4:]))
-        need_scales = ctx.needs_input_grad[1]
-        grad = grad.contiguous()
-        c_out, cig = grad.shape[:2]
-        g, og, p = groups, c_out // groups, k * k
-        g3 = grad.reshape(c_out, cig, p)
-        out = {}
-        scale_grads = []
-        # the 1x1 branches followed by a fixed per-channel filter: one batched product for all,
-        # [n_fixed, p] @ [p, i] per output channel (the long side last), read as (n_fixed, o, i)
-        fixed = [b for b in branches if b in ('1x1', '1x1_avg', '1x1_freq')]
-        if fixed:
-            filters = grad.new_zeros(c_out, len(fixed), p)
-            for j, b in enumerate(fixed):
-                if b == '1x1':
-                    filters[:, j, p // 2] = 1
-                elif b == '1x1_avg':
-                    filters[:, j] = 1.0 / p
-                else:
-                    filters[:, j] = freq_prior.reshape(-1, p)
-            h = torch.bmm(filters, g3.transpose(1, 2)).transpose(0, 1)  # (n_fixed, C_out, C_in/g)
-        for row, b in enumerate(branches):
-            s = None if scales is None else scales[row]
-            sv = None if s is None else s.reshape(-1).expand(c_out)  # per output channel
-            ds = None
-            if b == 'kxk':
-                w = leaves['kxk']
-                if needs['kxk']:
-                    out['kxk'] = grad if s is None else grad * sv.reshape(-1, 1, 1, 1)
-                if need_scales:
-                    ds = _rowdot(grad, w)
-            elif b in fixed:
-                w = leaves[b]
-                hb = h[fixed.index(b)]
-                if needs[b]:
-                    out[b] = (hb.contiguous() if s is None else hb * sv.reshape(-1, 1)).reshape(
-                        w.shape)
-                if need_scales:
-                    ds = _rowdot(hb, w)
-            elif b == '1x1_kxk':
-                # the forward is a 1x1 conv (compose_1x1): its data gradient for G is the
-                # unscaled gradient T of the second factor, its weight gradient with the scaled
-                # second factor as input is the first factor's (transposed); one backward call
-                first, second = _first_factor(leaves, identity), leaves['1x1_kxk.second']
-                c1g = second.shape[1]
-                need_t = needs['1x1_kxk.second'] or need_scales
-                need_a = needs['1x1_kxk.first']
-                scaled = second if s is None or not need_a else second * sv.reshape(-1, 1, 1, 1)
-                weight = first.reshape(g, c1g, cig).transpose(1, 2).reshape(g * cig, c1g, 1, 1)
-                t, da, _ = torch.ops.aten.convolution_backward(
-                    _pair_images(grad, g), _pair_images(scaled, g), weight, None, [1, 1],
-                    [0, 0], [1, 1], False, [0, 0], g, [need_t, need_a, False])
-                if need_t:
-                    t = _pair_kernel(t, g).reshape(second.shape)
-                    if need_scales:
-                        ds = _rowdot(t, second)
-                    if needs['1x1_kxk.second']:
-                        out['1x1_kxk.second'] = t if s is None else t.mul_(
-                            sv.reshape(-1, 1, 1, 1))
-                if need_a:
-                    out['1x1_kxk.first'] = da.reshape(g, cig, c1g).transpose(1, 2).reshape(
-                        first.shape)
-            elif b == 'dw_pw':
-                dw, pw = leaves['dw'], leaves['pw']
-                m = dw.shape[0] // in_channels
-                dw3 = dw.reshape(g * cig, m, p)
-                if needs['pw'] or need_scales:
-                    # per input channel [m, p] @ [p, o] (G read in place), then (i, o, m) and
-                    # the pointwise layout (o, i, m) in two cheap transposes
-                    gt = grad.reshape(g, og, cig, p).permute(0, 2, 3, 1).reshape(g * cig, p, og)
-                    t = torch.bmm(dw3, gt).transpose(1, 2).contiguous()  # (i, o, m)
-                    t = t.reshape(g, cig, og, m).transpose(1, 2).reshape(pw.shape)
-                    if need_scales:
-                        ds = _rowdot(t, pw)
-                    if needs['pw']:
-                        out['pw'] = t if s is None else t.mul_(sv.reshape(-1, 1, 1, 1))
-                if needs['dw']:
-                    pws = pw if s is None else pw * sv.reshape(-1, 1, 1, 1)
-                    gi = grad.reshape(g, og, cig, p).transpose(1, 2).reshape(g * cig, og, p)
-                    out['dw'] = torch.bmm(_pw_by_input(pws, g, m), gi).reshape(dw.shape)
+    grad = grad.contiguous()
+    c_out, cig = grad.shape[:2]
+    g, og, p = groups, c_out // groups, k * k
+    g3 = grad.reshape(c_out, cig, p)
+    out = {}
+    scale_grads = []
+    # the 1x1 branches followed by a fixed per-channel filter: one batched product for all,
+    # [n_fixed, p] @ [p, i] per output channel (the long side last), read as (n_fixed, o, i)
+    fixed = [b for b in branches if b in ('1x1', '1x1_avg', '1x1_freq')]
+    if fixed:
+        filters = grad.new_zeros(c_out, len(fixed), p)
+        for j, b in enumerate(fixed):
+            if b == '1x1':
+                filters[:, j, p // 2] = 1
+            elif b == '1x1_avg':
+                filters[:, j] = 1.0 / p
+            else:
+                filters[:, j] = freq_prior.reshape(-1, p)
+        h = torch.bmm(filters, g3.transpose(1, 2)).transpose(0, 1)  # (n_fixed, C_out, C_in/g)
+    for row, b in enumerate(branches):
+        s = None if scales is None else scales[row]
+        sv = None if s is None else s.reshape(-1).expand(c_out)  # per output channel
+        ds = None
+        if b == 'kxk':
+            w = leaves['kxk']
+            if needs['kxk']:
+                out['kxk'] = grad if s is None else grad * sv.reshape(-1, 1, 1, 1)
             if need_scales:
-                scale_grads.append(ds.sum(0, keepdim=True) if s.numel() == 1 else ds)
-        grad_scales = torch.stack(scale_grads).to(scales.dtype) if need_scales else None
-        return (None, grad_scales, None, None) + tuple(out.get(n) for n in names)
+                ds = _rowdot(grad, w)
+        elif b in fixed:
+            w = leaves[b]
+            hb = h[fixed.index(b)]
+            if needs[b]:
+                out[b] = (hb.contiguous() if s is None else hb * sv.reshape(-1, 1)).reshape(
+                    w.shape)
+            if need_scales:
+                ds = _rowdot(hb, w)
+        elif b == '1x1_kxk':
+            # the forward is a 1x1 conv (compose_1x1): its data gradient for G is the
+            # unscaled gradient T of the second factor, its weight gradient with the scaled
+            # second factor as input is the first factor's (transposed); one backward call
+            first, second = _first_factor(leaves, identity), leaves['1x1_kxk.second']
+            c1g = second.shape[1]
+            need_t = needs['1x1_kxk.second'] or need_scales
+            need_a = needs['1x1_kxk.first']
+            scaled = second if s is None or not need_a else second * sv.reshape(-1, 1, 1, 1)
+            weight = first.reshape(g, c1g, cig).transpose(1, 2).reshape(g * cig, c1g, 1, 1)
+            t, da, _ = torch.ops.aten.convolution_backward(
+                _pair_images(grad, g), _pair_images(scaled, g), weight, None, [1, 1],
+                [0, 0], [1, 1], False, [0, 0], g, [need_t, need_a, False])
+            if need_t:
+                t = _pair_kernel(t, g).reshape(second.shape)
+                if need_scales:
+                    ds = _rowdot(t, second)
+                if needs['1x1_kxk.second']:
+                    out['1x1_kxk.second'] = t if s is None else t.mul_(
+                        sv.reshape(-1, 1, 1, 1))
+            if need_a:
+                out['1x1_kxk.first'] = da.reshape(g, cig, c1g).transpose(1, 2).reshape(
+                    first.shape)
+        elif b == 'dw_pw':
+            dw, pw = leaves['dw'], leaves['pw']
+            m = dw.shape[0] // in_channels
+            dw3 = dw.reshape(g * cig, m, p)
+            if needs['pw'] or need_scales:
+                # per input channel [m, p] @ [p, o] (G read in place), then (i, o, m) and
+                # the pointwise layout (o, i, m) in two cheap transposes
+                gt = grad.reshape(g, og, cig, p).permute(0, 2, 3, 1).reshape(g * cig, p, og)
+                t = torch.bmm(dw3, gt).transpose(1, 2).contiguous()  # (i, o, m)
+                t = t.reshape(g, cig, og, m).transpose(1, 2).reshape(pw.shape)
+                if need_scales:
+                    ds = _rowdot(t, pw)
+                if needs['pw']:
+                    out['pw'] = t if s is None else t.mul_(sv.reshape(-1, 1, 1, 1))
+            if needs['dw']:
+                pws = pw if s is None else pw * sv.reshape(-1, 1, 1, 1)
+                gi = grad.reshape(g, og, cig, p).transpose(1, 2).reshape(g * cig, og, p)
+                out['dw'] = torch.bmm(_pw_by_input(pws, g, m), gi).reshape(dw.shape)
+        if need_scales:
+            scale_grads.append(ds.sum(0, keepdim=True) if s.numel() == 1 else ds)
+    grad_scales = torch.stack(scale_grads).to(scales.dtype) if need_scales else None
+    return grad_scales, out
+
+
+# The squeeze and its backward as two operators of their own (torch.library): eager they run the
+# functions above; under torch.compile they stay opaque, so the compiler neither re-lays out their
+# operands (which sent the batched products to a copy per matrix) nor unfuses their passes.
+def _squeeze_impl(leaves: List[Tensor], scales: Optional[Tensor], identity: Optional[Tensor],
+                  freq_prior: Optional[Tensor], branches: str, kernel_size: int, groups: int,
+                  in_channels: int, out_channels: int) -> Tensor:
+    """``branches``: the branch names joined by commas; ``leaves``: their tensors, in the order of
+    :data:`SQUEEZE_LEAVES`."""
+    branches = tuple(branches.split(','))
+    return _squeeze_accumulated(branches, dict(zip(_leaf_names(branches), leaves)), scales,
+                                kernel_size, groups, in_channels, identity, freq_prior)
+
+
+def _leaf_names(branches):
+    return [n for b in branches for n in SQUEEZE_LEAVES[b]]
+
+
+_squeeze_op = torch.library.custom_op('mmorepa::squeeze', _squeeze_impl, mutates_args=())
+
+
+@_squeeze_op.register_fake
+def _(leaves, scales, identity, freq_prior, branches, kernel_size, groups, in_channels,
+      out_channels):
+    return leaves[0].new_empty(out_channels, in_channels // groups, kernel_size, kernel_size)
+
+
+def _squeeze_backward_impl(grad: Tensor, leaves: List[Tensor], scales: Optional[Tensor],
+                           identity: Optional[Tensor], freq_prior: Optional[Tensor],
+                           branches: str, kernel_size: int, groups: int, in_channels: int,
+                           needs: List[bool], need_scales: bool) -> List[Tensor]:
+    """``[grad of scales] + [grad of each leaf]``, an empty tensor where none is needed (an
+    operator returns tensors only, contiguous as its fake says, and none that aliases an
+    input)."""
+    branches = tuple(branches.split(','))
+    names = _leaf_names(branches)
+    grad_scales, out = _squeeze_backward(
+        grad, branches, dict(zip(names, leaves)), dict(zip(names, needs)), need_scales, scales,
+        kernel_size, groups, in_channels, identity, freq_prior)
+    grads = [grad_scales] + [out.get(n) for n in names]
+    return [grad.new_empty(0) if g is None else g.clone() if g is grad else g.contiguous()
+            for g in grads]
+
+
+_squeeze_backward_op = torch.library.custom_op('mmorepa::squeeze_backward',
+                                               _squeeze_backward_impl, mutates_args=())
+
+
+@_squeeze_backward_op.register_fake
+def _(grad, leaves, scales, identity, freq_prior, branches, kernel_size, groups, in_channels,
+      needs, need_scales):
+    return ([scales.new_empty(scales.shape) if need_scales else grad.new_empty(0)]
+            + [t.new_empty(t.shape) if n else grad.new_empty(0) for t, n in zip(leaves, needs)])
+
+
+def _squeeze_setup(ctx, inputs, output):
+    leaves, scales, identity, freq_prior, *meta = inputs
+    ctx.meta = meta
+    ctx.needs = [bool(t.requires_grad) for t in leaves]
+    ctx.need_scales = scales is not None and bool(scales.requires_grad)
+    ctx.save_for_backward(scales, identity, freq_prior, *leaves)
+
+
+def _squeeze_grad(ctx, grad):
+    branches, kernel_size, groups, in_channels, _ = ctx.meta
+    scales, identity, freq_prior, *leaves = ctx.saved_tensors
+    grads = _squeeze_backward_op(grad, leaves, scales, identity, freq_prior, branches,
+                                 kernel_size, groups, in_channels, ctx.needs, ctx.need_scales)
+    grad_scales = grads[0] if ctx.need_scales else None
+    leaf_grads = [g if n else None for g, n in zip(grads[1:], ctx.needs)]
+    return leaf_grads, grad_scales, None, None, None, None, None, None, None
+
+
+_squeeze_op.register_autograd(_squeeze_grad, setup_context=_squeeze_setup)
+
+
+def _counted_flops(op, *args, out_val=None, **kwargs) -> int:
+    """What ``FlopCounterMode`` counts inside an operator it cannot see into: ``op``, the
+    operator's implementation, run on meta copies of its arguments under a counter of its own.
+    So the FLOPs counted for an OREPA model include the squeeze's products, whatever they are."""
+    meta = torch.utils._pytree.tree_map_only(Tensor, lambda t: t.to('meta'), (args, kwargs))
+    with FlopCounterMode(display=False) as counter:
+        op(*meta[0], **meta[1])
+    return counter.get_total_flops()
+
+
+register_flop_formula(torch.ops.mmorepa.squeeze, get_raw=True)(
+    functools.partial(_counted_flops, _squeeze_impl))
+register_flop_formula(torch.ops.mmorepa.squeeze_backward, get_raw=True)(
+    functools.partial(_counted_flops, _squeeze_backward_impl))
 
 
 def squeeze(branches: Sequence[str], leaves: dict, scales: Optional[Tensor], kernel_size: int,
             groups: int, in_channels: int, identity: Optional[Tensor] = None,
             freq_prior: Optional[Tensor] = None) -> Tensor:
     """The squeezed kernel of one OREPA layer (Eq. 4 with scaling; Eq. 3 / supp Eq. 2 per branch):
-    the value of :func:`squeeze_reference`, computed by one autograd node that keeps only the
-    leaves for backward (see :class:`_Squeeze`). A layer whose ``squeeze_fn`` is set to
+    the value of :func:`squeeze_reference`, computed by one operator (``mmorepa::squeeze``) that
+    keeps only the leaves for backward and has its own backward operator
+    (:func:`_squeeze_backward`). A layer whose ``squeeze_fn`` is set to
     :func:`squeeze_reference` uses plain autograd instead (for comparisons)."""
-    branches = tuple(branches)
-    names = tuple(n for b in branches for n in SQUEEZE_LEAVES[b])
-    meta = (branches, kernel_size, groups, in_channels, names)
-    return _Squeeze.apply(meta, scales, identity, freq_prior, *(leaves[n] for n in names))
+    for b in branches:
+        if b not in SQUEEZE_LEAVES:
+            raise ValueError(f'unknown branch {b!r}; expected one of {list(SQUEEZE_BRANCHES)}')
+    out_channels = next(leaves[n] for n in ('kxk', '1x1_kxk.second', 'pw', '1x1', '1x1_avg',
+                                            '1x1_freq') if n in leaves).shape[0]
+    return _squeeze_op([leaves[n] for n in _leaf_names(branches)], scales, identity, freq_prior,
+                       ','.join(branches), kernel_size, groups, in_channels, out_channels)

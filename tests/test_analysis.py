@@ -65,8 +65,9 @@ def test_benchmark_counters_by_hand():
 
 
 def test_benchmark_counters_squeeze_function_vs_autograd(tmp_path):
-    """The OREPA squeeze node keeps less for backward than autograd through the same math, at
-    the same FLOPs up to the scale-gradient reductions it does as (counted) batched products."""
+    """The OREPA squeeze operator keeps less for backward than autograd through the same math,
+    at the same FLOPs up to the fixed filters' gradient it does as a (counted) batched product
+    (the counter sees into the operator through its registered FLOP formula)."""
     rows = {}
     for impl in ('autograd', 'function'):
         out = tmp_path / f'{impl}.json'
@@ -81,9 +82,9 @@ def test_benchmark_counters_squeeze_function_vs_autograd(tmp_path):
     a, f = rows['autograd'], rows['function']
     assert a['none']['saved_bytes'] == f['none']['saved_bytes']  # plain: untouched
     assert f['orepa']['saved_bytes'] < a['orepa']['saved_bytes']
-    # the node does the scale-gradient reductions (and the fixed filters' gradient) as batched
-    # products, which the counter sees, where autograd does them as uncounted element-wise
-    # multiply-and-sum: a few multiply-adds per element of each layer's squeezed kernel
+    # the operator does the fixed filters' gradient as a batched product, which the counter
+    # sees, where autograd does it as uncounted element-wise multiply-and-sum: a few
+    # multiply-adds per element of each layer's squeezed kernel
     import benchmark_train_cost as bench
     from mmorepa.layers import OREPAConv1x1, OREPAConv2d
     kernel_elements = sum(

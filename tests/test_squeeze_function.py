@@ -1,6 +1,7 @@
-"""The OREPA squeeze as one autograd node (:func:`mmorepa.kernels.squeeze`): same value as the
-reference written with the kernel functions, hand-written backward checked by gradcheck (float64)
-and against autograd through the reference, and it keeps only the leaves for backward."""
+"""The OREPA squeeze as one operator with its own backward (:func:`mmorepa.kernels.squeeze`):
+same value as the reference written with the kernel functions, hand-written backward checked by
+gradcheck (float64) and against autograd through the reference, it keeps only the leaves for
+backward, and torch.compile's view of it (fake outputs) matches what it does."""
 import itertools
 
 import pytest
@@ -124,3 +125,21 @@ def test_layer_keeps_only_its_parameters_for_backward(make):
     slow, k2 = saved_bytes(K.squeeze_reference)
     assert fast == 0 and slow > 0
     assert rel_err(k1, k2) <= 1e-6
+
+
+@pytest.mark.parametrize('branches, k, groups, identity', [
+    (K.SQUEEZE_BRANCHES, 3, 2, True), (('1x1', '1x1_kxk'), 1, 1, False)])
+def test_operators_pass_opcheck(branches, k, groups, identity):
+    """``mmorepa::squeeze`` and its backward as torch.compile sees them: the fake (meta) outputs
+    have the real shapes and strides, the schema holds, autograd is registered, and a traced
+    forward and backward equal eager ones (``torch.library.opcheck``)."""
+    leaves, scales, ident, prior = _case(branches, k, groups, 'vector', identity)
+    names = K._leaf_names(branches)
+    tensors = [leaves[n].requires_grad_() for n in names]
+    spec = ','.join(branches)
+    torch.library.opcheck(K._squeeze_op, (tensors, scales.requires_grad_(), ident, prior, spec,
+                                          k, groups, CIN, COUT))
+    grad = torch.randn(COUT, CIN // groups, k, k, dtype=torch.float64)
+    torch.library.opcheck(K._squeeze_backward_op,
+                          (grad, [t.detach() for t in tensors], scales.detach(), ident, prior,
+                           spec, k, groups, CIN, [True] * len(tensors), True))

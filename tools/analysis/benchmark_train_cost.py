@@ -258,14 +258,14 @@ def worker(spec: dict) -> dict:
 
 def profile_steps(step, n: int, rows: int = 15) -> str:
     """``torch.profiler``'s table of ``n`` training steps: the top operators by self CPU time,
-    and the share of the OREPA squeeze (its autograd node, forward and backward)."""
+    and the share of the OREPA squeeze (its operators, forward and backward)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(n):
             step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    squeeze = {e.key: e.cpu_time_total for e in events if '_Squeeze' in e.key}
+    squeeze = {e.key: e.cpu_time_total for e in events if e.key.startswith('mmorepa::squeeze')}
     lines = [events.table(sort_by='self_cpu_time_total', row_limit=rows)]
     lines += [f'{k}: {v / total:.1%} of the self CPU time' for k, v in squeeze.items()]
     return '\n'.join(lines)
