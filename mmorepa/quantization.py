@@ -75,11 +75,17 @@ def _input_name(path) -> str:
 
 # -- run and compare --------------------------------------------------------------------------------
 def run_onnx(model, inputs: Sequence[np.ndarray]) -> List[List[np.ndarray]]:
-    """Outputs of ``model`` (a path or an ``onnx.ModelProto``) on each input batch."""
+    """Outputs of ``model`` (a path or an ``onnx.ModelProto``) on each input batch, computed as
+    the graph says: onnxruntime's graph optimizations are off. They leave a whole QDQ model's
+    outputs as they are, but rewrite the partly quantized variants (a float Conv fed by
+    ``DequantizeLinear``) into something that computes otherwise: on the demo classifier the
+    activations-only variant came out at 23.4 dB with them, below the whole INT8 model's
+    31.3 dB, and at 32.8 dB without them."""
     import onnxruntime as ort
     source = model.SerializeToString() if hasattr(model, 'SerializeToString') else str(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(source, options, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     return [session.run(None, {name: x}) for x in inputs]

@@ -244,8 +244,11 @@ def test_fake_quant_fuses_exactly_onto_the_int8_grid():
 
 
 def test_variants_bypass_exactly(tmp_path):
-    """With nothing kept the INT8 file computes the FP32 model; with everything kept, itself."""
-    torch.manual_seed(0)
+    """With nothing kept the INT8 file computes the FP32 model; with everything kept, itself; with
+    one side kept, less noise than the whole INT8 model. (With onnxruntime's graph optimizations
+    on, this net's activations-only variant came out noisier than the INT8 model, 48.17 against
+    48.34 dB: Q.run_onnx computes graphs as written.)"""
+    torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(),
                         nn.Conv2d(4, 4, 1)).eval()
     x = torch.randn(1, 3, 12, 12)
