@@ -11,7 +11,10 @@ weights, int8 activations calibrated on real inputs). Around it:
   fused kernel and the SQNR of its per-channel int8 rounding (for a uniform quantizer with step
   ``max|w| / 127`` the rounding SQNR is about ``20 log10(127 sqrt(12) / crest)``: the crest factor
   is what the kernel's own shape costs).
-- :class:`CrestPenaltyOptimWrapper`: a training recipe that acts on OREPA's squeezed kernels.
+- :class:`CrestPenaltyOptimWrapper`: an optional training penalty on the crest factors of OREPA's
+  squeezed kernels. The recommended INT8 recipe is not here but in the layers:
+  ``fake_quant_bits=8`` (``orepa_cfg`` / ``conv_cfg``) trains, evaluates and fuses each OREPA
+  kernel on its per-channel int8 grid (:class:`mmorepa.layers.ReparamConv2d`), docs/int8.md.
 """
 import contextlib
 import math

@@ -1,11 +1,11 @@
 # The demo OREPA-ResNet-18 classifier (./orepa_r18_shapes_cls.py) trained for INT8 deployment:
-# each step adds crest_weight * (mean squared per-output-channel crest factor, max|w| / rms(w), of
-# every squeezed kernel, over its fan-in) to the loss (mmorepa.quantization.CrestPenaltyOptimWrapper).
-# OREPA's squeezed kernels put much of their mass on the centre tap (the 1x1 branches), so the
-# fused kernels have peaky output channels that per-channel int8 rounds coarsely (docs/int8.md);
-# the penalty flattens them. Inference and the fused (stock) model are unchanged.
+# every OREPA layer's squeezed kernel is rounded to its symmetric per-output-channel int8 grid in
+# training (straight-through gradient), in eval and when fused (orepa_cfg.fake_quant_bits). The
+# norm folded in at fusion scales whole output channels, so the fused kernel lies exactly on the
+# grid that per-channel int8 weight quantization (onnxruntime, TensorRT) gives it: the weights of
+# the OREPA convs quantize without loss, and the network was trained with those weights.
+# Train, test, fuse and quantize with this config (docs/int8.md); the fused model is the stock
+# ResNet, as always.
 _base_ = ['./orepa_r18_shapes_cls.py']
 
-custom_imports = dict(imports=['mmorepa', 'mmorepa.quantization'], allow_failed_imports=False)
-
-optim_wrapper = dict(type='CrestPenaltyOptimWrapper', crest_weight=1.0)
+model = dict(backbone=dict(orepa_cfg=dict(fake_quant_bits=8)))
