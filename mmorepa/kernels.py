@@ -356,7 +356,7 @@ def squeeze_reference(branches: Sequence[str], leaves: dict, scales: Optional[Te
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """``sum(a * b)`` over all but the first dimension, in one pass (no temporary)."""
+    """``sum(a * b)`` over all but the first dimension: one dot product per row."""
     n = a.shape[0]
     return torch.linalg.vecdot(a.reshape(n, -1), b.reshape(n, -1))
 
@@ -400,8 +400,8 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
     """The backward of :func:`squeeze`: the gradients of the leaves (``None`` where ``needs`` is
     false) and of the scales (``None`` unless ``need_scales``) for ``grad``, the gradient of the
     squeezed kernel. With ``G`` the gradient of the squeezed kernel and ``s`` a branch's scaling
-    vector (chain rule through Eq. 3, 4 and supp Eq. 2, per group; ``<., .>_o``: sum over all but the
-    output channel):
+    vector (chain rule through Eq. 3, 4 and supp Eq. 2, per group; ``<., .>_o``: sum over all but
+    the output channel):
 
     - kxk: ``dW = s G``; ``ds = <G, W>_o``.
     - 1x1, 1x1-avg, 1x1-freq (a 1x1 ``w`` then a fixed filter ``f_o``: the centre tap, ``1/k^2``,
