@@ -93,8 +93,8 @@ def compose_1x1(first: Tensor, second: Tensor, groups: int = 1, scale: Optional[
     ``groups == 1``), and the conv libraries run it, with its backward, as fast as a matrix
     product gets. The same result as :func:`compose` with far less work.
     ``scale`` (``(C2,)`` or ``(1,)``) multiplies the output channels (a scaling layer after the
-    pair). ``accumulate`` (a contiguous kernel of the result's shape, no autograd): the scaled
-    result is added to it in place, in one pass.
+    pair). ``accumulate`` (a kernel of the result's shape, no autograd): the scaled result is
+    added to it in place, in one pass.
     """
     c1, c0g = first.shape[:2]
     c2, c1g, kh, kw = second.shape
@@ -174,7 +174,8 @@ def dw_pw_to_full(depthwise: Tensor, pointwise: Tensor, in_channels: int, groups
     ``depthwise`` is ``(C_in * M, 1, k, k)`` (groups ``C_in``, expansion ``M``: input channel ``i``
     feeds channels ``i * M .. i * M + M - 1``); ``pointwise`` is ``(C_out, C_in * M // g, 1, 1)``
     with ``groups``. ``K[o, i] = sum_m pw[o, i * M + m] dw[i * M + m]`` within each group, one
-    matrix product ``[o, m] @ [m, p]`` per input channel; the result is ``(C_out, C_in // g, k, k)``.
+    matrix product ``[p, m] @ [m, o]`` per input channel (``p`` the ``k^2`` taps); the result is
+    ``(C_out, C_in // g, k, k)``.
     ``scale`` and ``accumulate`` as in :func:`compose_1x1`.
     """
     cim, _, kh, kw = depthwise.shape
@@ -482,8 +483,8 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
             m = dw.shape[0] // in_channels
             dw3 = dw.reshape(g * cig, m, p)
             if needs['pw'] or need_scales:
-                # per input channel [m, p] @ [p, o] (G read in place), then (i, o, m) and
-                # the pointwise layout (o, i, m) in two cheap transposes
+                # per input channel [m, p] @ [p, o] (G read in place when groups == 1), then
+                # (i, o, m) and the pointwise layout (o, i, m) in two cheap transposes
                 gt = grad.reshape(g, og, cig, p).permute(0, 2, 3, 1).reshape(g * cig, p, og)
                 t = torch.bmm(dw3, gt).transpose(1, 2).contiguous()  # (i, o, m)
                 t = t.reshape(g, cig, og, m).transpose(1, 2).reshape(pw.shape)
@@ -501,17 +502,20 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
     return grad_scales, out
 
 
-# The squeeze and its backward as two operators of their own (torch.library): eager they run the
-# functions above; under torch.compile they stay opaque, so the compiler neither re-lays out their
-# operands (which sent the batched products to a copy per matrix) nor unfuses their passes.
+# The squeeze and its backward as two operators of their own (torch.library), joined by one
+# autograd node (``_Squeeze``): eager they run the functions above; under torch.compile they stay
+# opaque, so the compiler neither re-lays out their operands (which sent the batched products to a
+# copy per matrix) nor unfuses their passes.
 def _squeeze_impl(leaves: List[Tensor], scales: Optional[Tensor], identity: Optional[Tensor],
                   freq_prior: Optional[Tensor], branches: str, kernel_size: int, groups: int,
                   in_channels: int, out_channels: int) -> Tensor:
     """``branches``: the branch names joined by commas; ``leaves``: their tensors, in the order of
     :data:`SQUEEZE_LEAVES`."""
     branches = tuple(branches.split(','))
-    return _squeeze_accumulated(branches, dict(zip(_leaf_names(branches), leaves)), scales,
-                                kernel_size, groups, in_channels, identity, freq_prior)
+    # contiguous, as the fake says, whatever the leaves' memory format (channels-last models)
+    kernel = _squeeze_accumulated(branches, dict(zip(_leaf_names(branches), leaves)), scales,
+                                  kernel_size, groups, in_channels, identity, freq_prior)
+    return kernel.contiguous()
 
 
 def _leaf_names(branches):
@@ -555,25 +559,32 @@ def _(grad, leaves, scales, identity, freq_prior, branches, kernel_size, groups,
             + [t.new_empty(t.shape) if n else grad.new_empty(0) for t, n in zip(leaves, needs)])
 
 
-def _squeeze_setup(ctx, inputs, output):
-    leaves, scales, identity, freq_prior, *meta = inputs
-    ctx.meta = meta
-    ctx.needs = [bool(t.requires_grad) for t in leaves]
-    ctx.need_scales = scales is not None and bool(scales.requires_grad)
-    ctx.save_for_backward(scales, identity, freq_prior, *leaves)
+class _Squeeze(torch.autograd.Function):
+    """One autograd node over the two operators: it saves only the leaves and calls the backward
+    operator. (An autograd.Function rather than the operator's own autograd registration, so that
+    ``torch.func`` transforms take gradients through it.)"""
 
+    @staticmethod
+    def forward(spec, scales, identity, freq_prior, *leaves):
+        return _squeeze_op(list(leaves), scales, identity, freq_prior, *spec)
 
-def _squeeze_grad(ctx, grad):
-    branches, kernel_size, groups, in_channels, _ = ctx.meta
-    scales, identity, freq_prior, *leaves = ctx.saved_tensors
-    grads = _squeeze_backward_op(grad, leaves, scales, identity, freq_prior, branches,
-                                 kernel_size, groups, in_channels, ctx.needs, ctx.need_scales)
-    grad_scales = grads[0] if ctx.need_scales else None
-    leaf_grads = [g if n else None for g, n in zip(grads[1:], ctx.needs)]
-    return leaf_grads, grad_scales, None, None, None, None, None, None, None
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, scales, identity, freq_prior, *leaves = inputs
+        ctx.spec = spec
+        ctx.save_for_backward(scales, identity, freq_prior, *leaves)
 
-
-_squeeze_op.register_autograd(_squeeze_grad, setup_context=_squeeze_setup)
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        branches, kernel_size, groups, in_channels, _ = ctx.spec
+        scales, identity, freq_prior, *leaves = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[4:])
+        need_scales = ctx.needs_input_grad[1]
+        grads = _squeeze_backward_op(grad, leaves, scales, identity, freq_prior, branches,
+                                     kernel_size, groups, in_channels, needs, need_scales)
+        return (None, grads[0] if need_scales else None, None, None,
+                *[g if n else None for g, n in zip(grads[1:], needs)])
 
 
 def _counted_flops(op, *args, out_val=None, **kwargs) -> int:
@@ -596,14 +607,21 @@ def squeeze(branches: Sequence[str], leaves: dict, scales: Optional[Tensor], ker
             groups: int, in_channels: int, identity: Optional[Tensor] = None,
             freq_prior: Optional[Tensor] = None) -> Tensor:
     """The squeezed kernel of one OREPA layer (Eq. 4 with scaling; Eq. 3 / supp Eq. 2 per branch):
-    the value of :func:`squeeze_reference`, computed by one operator (``mmorepa::squeeze``) that
-    keeps only the leaves for backward and has its own backward operator
-    (:func:`_squeeze_backward`). A layer whose ``squeeze_fn`` is set to
-    :func:`squeeze_reference` uses plain autograd instead (for comparisons)."""
+    the value of :func:`squeeze_reference`, computed by one operator (``mmorepa::squeeze``) in one
+    autograd node that keeps only the leaves for backward and calls the backward operator
+    (``mmorepa::squeeze_backward``, :func:`_squeeze_backward`). A layer whose ``squeeze_fn`` is
+    set to :func:`squeeze_reference` uses plain autograd instead (for comparisons). Traced for
+    TorchScript / ONNX export it raises: export the fused model."""
     for b in branches:
         if b not in SQUEEZE_LEAVES:
             raise ValueError(f'unknown branch {b!r}; expected one of {list(SQUEEZE_BRANCHES)}')
     out_channels = next(leaves[n] for n in ('kxk', '1x1_kxk.second', 'pw', '1x1', '1x1_avg',
                                             '1x1_freq') if n in leaves).shape[0]
-    return _squeeze_op([leaves[n] for n in _leaf_names(branches)], scales, identity, freq_prior,
-                       ','.join(branches), kernel_size, groups, in_channels, out_channels)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # TorchScript tracing (the ONNX exporter) sees into no operator of its own, records
+        # in-place updates of views wrongly and cannot export a conv of a computed kernel: say so
+        raise RuntimeError('an un-fused OREPA layer cannot be traced for export: fuse the model '
+                           'first (mmorepa.reparameterize(model), as tools/export_onnx.py does)')
+    spec = (','.join(branches), kernel_size, groups, in_channels, out_channels)
+    return _Squeeze.apply(spec, scales, identity, freq_prior,
+                          *(leaves[n] for n in _leaf_names(branches)))

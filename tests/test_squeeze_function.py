@@ -2,6 +2,7 @@
 same value as the reference written with the kernel functions, hand-written backward checked by
 gradcheck (float64) and against autograd through the reference, it keeps only the leaves for
 backward, and torch.compile's view of it (fake outputs) matches what it does."""
+import io
 import itertools
 
 import pytest
@@ -127,19 +128,56 @@ def test_layer_keeps_only_its_parameters_for_backward(make):
     assert rel_err(k1, k2) <= 1e-6
 
 
-@pytest.mark.parametrize('branches, k, groups, identity', [
-    (K.SQUEEZE_BRANCHES, 3, 2, True), (('1x1', '1x1_kxk'), 1, 1, False)])
-def test_operators_pass_opcheck(branches, k, groups, identity):
+@pytest.mark.parametrize('branches, k, groups, identity, channels_last', [
+    (K.SQUEEZE_BRANCHES, 3, 2, True, False), (('1x1', '1x1_kxk'), 1, 1, False, False),
+    (K.SQUEEZE_BRANCHES, 3, 1, True, True)])
+def test_operators_pass_opcheck(branches, k, groups, identity, channels_last):
     """``mmorepa::squeeze`` and its backward as torch.compile sees them: the fake (meta) outputs
-    have the real shapes and strides, the schema holds, autograd is registered, and a traced
-    forward and backward equal eager ones (``torch.library.opcheck``)."""
+    have the real shapes and strides (also for leaves in channels-last memory format, as
+    ``model.to(memory_format=torch.channels_last)`` leaves them), the schema holds, and a traced
+    call equals an eager one (``torch.library.opcheck``; autograd is the node's, tested above)."""
     leaves, scales, ident, prior = _case(branches, k, groups, 'vector', identity)
     names = K._leaf_names(branches)
-    tensors = [leaves[n].requires_grad_() for n in names]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    tensors = [leaves[n].contiguous(memory_format=fmt) for n in names]
     spec = ','.join(branches)
-    torch.library.opcheck(K._squeeze_op, (tensors, scales.requires_grad_(), ident, prior, spec,
-                                          k, groups, CIN, COUT))
+    torch.library.opcheck(K._squeeze_op, (tensors, scales, ident, prior, spec, k, groups, CIN,
+                                          COUT))
     grad = torch.randn(COUT, CIN // groups, k, k, dtype=torch.float64)
     torch.library.opcheck(K._squeeze_backward_op,
-                          (grad, [t.detach() for t in tensors], scales.detach(), ident, prior,
+                          (grad.contiguous(memory_format=fmt), tensors, scales, ident, prior,
                            spec, k, groups, CIN, [True] * len(tensors), True))
+
+
+def test_torch_func_grad_through_the_squeeze():
+    """``torch.func.grad`` takes gradients through the squeeze node, equal to autograd through
+    the reference (float64)."""
+    branches = K.SQUEEZE_BRANCHES
+    leaves, scales, ident, prior = _case(branches, 3, 2, 'vector')
+    g = torch.randn(COUT, CIN // 2, 3, 3, dtype=torch.float64)
+
+    def loss(fn):
+        return lambda lv, s: (fn(branches, lv, s, 3, 2, CIN, ident, prior) * g).sum()
+    fast = torch.func.grad(loss(K.squeeze), argnums=(0, 1))(leaves, scales)
+    ref = torch.func.grad(loss(K.squeeze_reference), argnums=(0, 1))(leaves, scales)
+    for n in leaves:
+        assert rel_err(fast[0][n], ref[0][n]) <= 1e-12
+    assert rel_err(fast[1], ref[1]) <= 1e-12
+
+
+def test_onnx_export_of_an_unfused_layer_is_refused_and_the_fused_one_exports():
+    """TorchScript tracing (``torch.onnx.export``) of a layer that was not fused first raises,
+    saying to fuse it (its traced graph would be wrong: in-place updates of views); the fused
+    layer exports and onnxruntime gives its output."""
+    import onnxruntime as ort
+    from mmorepa import reparameterize
+    layer = randomize_(OREPAConv2d(4, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(RuntimeError, match='fuse the model first'):
+        torch.onnx.export(layer, (x, ), io.BytesIO(), dynamo=False)
+    fused = reparameterize(layer)
+    f = io.BytesIO()
+    torch.onnx.export(fused, (x, ), f, dynamo=False)
+    sess = ort.InferenceSession(f.getvalue(), providers=['CPUExecutionProvider'])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert rel_err(torch.from_numpy(out).double(), layer(x).double()) <= 1e-5
