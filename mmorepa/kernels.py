@@ -362,12 +362,17 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a.reshape(n, -1), b.reshape(n, -1))
 
 
+def _out_channels(leaves: dict) -> int:
+    """The output channels of a squeeze, from whichever of its leaves has them."""
+    return next(leaves[n] for n in ('kxk', '1x1_kxk.second', 'pw', '1x1', '1x1_avg', '1x1_freq')
+                if n in leaves).shape[0]
+
+
 def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, identity, freq_prior):
     """The value of :func:`squeeze_reference` (no autograd): the same kernel functions, each term
     scaled and added into one kernel in the pass that writes it."""
     ref = next(iter(leaves.values()))
-    c_out = next(leaves[n] for n in ('kxk', '1x1_kxk.second', 'pw', '1x1', '1x1_avg', '1x1_freq')
-                 if n in leaves).shape[0]
+    c_out = _out_channels(leaves)
     # start from a full-size kernel (kxk; the 1x1 itself when k = 1) or from zeros
     total, start = None, 'kxk' if 'kxk' in branches else '1x1' if k == 1 else None
     for row, b in enumerate(branches):
@@ -451,8 +456,7 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
             w = leaves[b]
             hb = h[fixed.index(b)]
             if needs[b]:
-                out[b] = (hb.contiguous() if s is None else hb * sv.reshape(-1, 1)).reshape(
-                    w.shape)
+                out[b] = (hb if s is None else hb * sv.reshape(-1, 1)).reshape(w.shape)
             if need_scales:
                 ds = _rowdot(hb, w)
         elif b == '1x1_kxk':
@@ -615,13 +619,11 @@ def squeeze(branches: Sequence[str], leaves: dict, scales: Optional[Tensor], ker
     for b in branches:
         if b not in SQUEEZE_LEAVES:
             raise ValueError(f'unknown branch {b!r}; expected one of {list(SQUEEZE_BRANCHES)}')
-    out_channels = next(leaves[n] for n in ('kxk', '1x1_kxk.second', 'pw', '1x1', '1x1_avg',
-                                            '1x1_freq') if n in leaves).shape[0]
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         # TorchScript tracing (the ONNX exporter) sees into no operator of its own, records
         # in-place updates of views wrongly and cannot export a conv of a computed kernel: say so
         raise RuntimeError('an un-fused OREPA layer cannot be traced for export: fuse the model '
                            'first (mmorepa.reparameterize(model), as tools/export_onnx.py does)')
-    spec = (','.join(branches), kernel_size, groups, in_channels, out_channels)
+    spec = (','.join(branches), kernel_size, groups, in_channels, _out_channels(leaves))
     return _Squeeze.apply(spec, scales, identity, freq_prior,
                           *(leaves[n] for n in _leaf_names(branches)))

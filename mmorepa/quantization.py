@@ -328,8 +328,12 @@ def onnx_features(model: nn.Module, session, classifier: bool):
 def squeezed_kernels(model: nn.Module) -> List[torch.Tensor]:
     """The squeezed kernel of every re-parameterized conv of ``model``, nested ones (a large-kernel
     stem's generators) included: the kernels :class:`CrestPenaltyOptimWrapper` records."""
-    return [m.squeeze()[0] for m in model.modules()
-            if isinstance(m, ReparamConv2d) and not m.deploy]
+    return [m.squeeze()[0] for m in _reparam_layers(model)]
+
+
+def _reparam_layers(model: nn.Module) -> List[ReparamConv2d]:
+    """The re-parameterized convs of ``model`` that are not deployed, nested ones included."""
+    return [m for m in model.modules() if isinstance(m, ReparamConv2d) and not m.deploy]
 
 
 def crest_penalty(kernels: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -366,8 +370,7 @@ class CrestPenaltyOptimWrapper(OptimWrapper):
         """The forward pass, with each re-parameterized conv's ``squeeze`` recording the full
         kernel it returns (an instance attribute set here and removed on exit); a layer that
         squeezed only part of it (the pair on the feature maps) is squeezed in full later."""
-        self._layers = [m for m in model.modules()
-                        if isinstance(m, ReparamConv2d) and not m.deploy]
+        self._layers = _reparam_layers(model)
         self._kernels = {}
 
         def recording(layer, squeeze):

@@ -59,7 +59,6 @@ def main(argv=None):
         mmorepa.reparameterize(model, inplace=True)
     runner._has_loaded = True  # the checkpoint is in (and possibly fused): no reload
     metrics = runner.test()
-    mmorepa.runtime.end_distributed()
     if args.out:
         metrics = {k: as_json(v) for k, v in metrics.items()}
         mmorepa.deploy.atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(metrics)))

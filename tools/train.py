@@ -68,7 +68,6 @@ def main(argv=None):
     mmorepa.runtime.check_model_builds(cfg, args.config)
     runner = mmorepa.runtime.build_runner(cfg)
     runner.train()
-    mmorepa.runtime.end_distributed()
     return runner
 
 
