@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).parent
 
@@ -24,5 +25,10 @@ setup(
         'mm': read_requirements('mminstall.txt'),
         'tests': read_requirements('tests.txt'),
     },
+    # the squeeze's memory-bound branches in one pass on the CPU (mmorepa/kernels.py falls back to
+    # torch's operators where it is missing); the AVX2 path is chosen at run time
+    ext_modules=[CppExtension('mmorepa._squeeze_cpu', ['mmorepa/csrc/squeeze_cpu.cpp'],
+                              extra_compile_args=['-O3', '-Wno-psabi'])],
+    cmdclass={'build_ext': BuildExtension},
     license='Apache-2.0',
 )

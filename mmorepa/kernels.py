@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+try:  # built by setup.py from mmorepa/csrc/squeeze_cpu.cpp (pip install -e .)
+    from mmorepa import _squeeze_cpu
+except ImportError:  # pragma: no cover - an install without the build step
+    _squeeze_cpu = None
+
 __all__ = [
     'fuse_bn', 'pad_to', 'compose', 'compose_1x1', 'compose_1x1_depthwise', 'avg_kernel',
     'frequency_prior', 'dw_pw_to_full', 'identity_kernel', 'scaled_sum', 'factor_into_3x3',
@@ -368,11 +373,76 @@ def _out_channels(leaves: dict) -> int:
                 if n in leaves).shape[0]
 
 
+# The branches whose squeeze is memory-bound (O(C^2 k^2) per layer): on the CPU the extension
+# mmorepa._squeeze_cpu forms them in one pass each way; the 1x1-kxk pair (a matrix product) stays
+# with torch. ``_FIXED``: a 1x1 followed by a fixed per-output-channel filter.
+_ONE_PASS = ('kxk', '1x1', '1x1_avg', '1x1_freq', 'dw_pw')
+_FIXED = ('1x1', '1x1_avg', '1x1_freq')
+
+
+def _fixed_filters(fixed, c_out, k, freq_prior, like: Tensor) -> Tensor:
+    """The filters of the fixed-filter branches ``fixed``, ``(n_fixed, C_out, k^2)``: the centre
+    tap (1x1, Eq. 4's padding), ``1/k^2`` (1x1-avg), the frequency prior (1x1-freq)."""
+    p = k * k
+    filters = like.new_zeros(len(fixed), c_out, p)
+    for j, b in enumerate(fixed):
+        if b == '1x1':
+            filters[j, :, p // 2] = 1
+        elif b == '1x1_avg':
+            filters[j] = 1.0 / p
+        else:
+            filters[j] = freq_prior.reshape(-1, p)
+    return filters
+
+
+def _one_pass_operands(branches, leaves, scales, k, groups, freq_prior):
+    """The operands of :mod:`mmorepa._squeeze_cpu` for the memory-bound branches of this squeeze
+    (``(rows, scales, kxk, fixed 1x1s, filters, dw, pw)``, ``rows`` their rows of ``scales``), or
+    ``None`` where the extension does not apply: not built, not on the CPU (meta tensors, which
+    count FLOPs, included), not float32 / float64, mixed dtypes, or no such branch."""
+    if _squeeze_cpu is None:
+        return None
+    rows = [r for r, b in enumerate(branches) if b in _ONE_PASS]
+    if not rows:
+        return None
+    names = [n for r in rows for n in SQUEEZE_LEAVES[branches[r]]]
+    tensors = [leaves[n] for n in names] + [t for t in (scales, freq_prior) if t is not None]
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64) or any(
+            t.dtype != dtype or t.device.type != 'cpu' for t in tensors):
+        return None
+    # rows in the extension's order: kxk, the fixed-filter branches, dw-pw
+    kxk = [r for r in rows if branches[r] == 'kxk']
+    fixed = [r for r in rows if branches[r] in _FIXED]
+    dwpw = [r for r in rows if branches[r] == 'dw_pw']
+    order = kxk + fixed + dwpw
+    c_out = _out_channels(leaves)
+    if scales is None:
+        rows_scales = leaves[names[0]].new_ones(len(order), c_out)
+    else:
+        rows_scales = scales[order].expand(len(order), c_out).contiguous()
+    flat = lambda t: t.contiguous().reshape(t.shape[0], -1)  # noqa: E731
+    return (order, rows_scales, flat(leaves['kxk']) if kxk else None,
+            [flat(leaves[branches[r]]) for r in fixed],
+            _fixed_filters([branches[r] for r in fixed], c_out, k, freq_prior, rows_scales),
+            flat(leaves['dw']) if dwpw else None, flat(leaves['pw']) if dwpw else None)
+
+
 def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, identity, freq_prior):
     """The value of :func:`squeeze_reference` (no autograd): the same kernel functions, each term
     scaled and added into one kernel in the pass that writes it."""
     ref = next(iter(leaves.values()))
     c_out = _out_channels(leaves)
+    one_pass = _one_pass_operands(branches, leaves, scales, k, groups, freq_prior)
+    if one_pass is not None:
+        order, *operands = one_pass
+        total = _squeeze_cpu.squeeze_forward(*operands, c_out, in_channels // groups, groups,
+                                             k * k).view(c_out, in_channels // groups, k, k)
+        if '1x1_kxk' in branches:
+            row = branches.index('1x1_kxk')
+            compose_1x1(_first_factor(leaves, identity), leaves['1x1_kxk.second'], groups,
+                        None if scales is None else scales[row], accumulate=total)
+        return total
     # start from a full-size kernel (kxk; the 1x1 itself when k = 1) or from zeros
     total, start = None, 'kxk' if 'kxk' in branches else '1x1' if k == 1 else None
     for row, b in enumerate(branches):
@@ -421,28 +491,39 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
 
     A scalar scale's gradient is the sum of the per-channel ones. The matrix products are those
     of autograd through :func:`squeeze_reference` (no more FLOPs); the element-wise work is one
-    pass per layout change or scaling, scaling fused into the layout changes.
+    pass per layout change or scaling, scaling fused into the layout changes. On the CPU the
+    branches other than 1x1-kxk go to :mod:`mmorepa._squeeze_cpu` (one pass over ``G``).
     """
     grad = grad.contiguous()
     c_out, cig = grad.shape[:2]
     g, og, p = groups, c_out // groups, k * k
     g3 = grad.reshape(c_out, cig, p)
     out = {}
-    scale_grads = []
-    # the 1x1 branches followed by a fixed per-channel filter: one batched product for all,
-    # [n_fixed, p] @ [p, i] per output channel (the long side last), read as (n_fixed, o, i)
-    fixed = [b for b in branches if b in ('1x1', '1x1_avg', '1x1_freq')]
+    scale_grads = {}
+    fixed, done = [], ()
+    one_pass = _one_pass_operands(branches, leaves, scales, k, groups, freq_prior)
+    if one_pass is not None:
+        done, *operands = one_pass
+        names = [n for r in done for n in SQUEEZE_LEAVES[branches[r]]]
+        res = _squeeze_cpu.squeeze_backward(g3, *operands, groups, [needs[n] for n in names])
+        nf = len(operands[2])
+        by_name = ([res[1]] if 'kxk' in names else []) + res[2:2 + nf] + (
+            res[-2:] if 'dw' in names else [])
+        for n, t in zip(names, by_name):
+            if t is not None:
+                out[n] = t.view(leaves[n].shape)
+        for j, r in enumerate(done if need_scales else ()):
+            scale_grads[r] = res[0][j].sum(0, keepdim=True) if scales[r].numel() == 1 else res[0][j]
+    else:
+        # the 1x1 branches followed by a fixed per-channel filter: one batched product for all,
+        # [n_fixed, p] @ [p, i] per output channel (the long side last), read as (n_fixed, o, i)
+        fixed = [b for b in branches if b in _FIXED]
     if fixed:
-        filters = grad.new_zeros(c_out, len(fixed), p)
-        for j, b in enumerate(fixed):
-            if b == '1x1':
-                filters[:, j, p // 2] = 1
-            elif b == '1x1_avg':
-                filters[:, j] = 1.0 / p
-            else:
-                filters[:, j] = freq_prior.reshape(-1, p)
+        filters = _fixed_filters(fixed, c_out, k, freq_prior, grad).transpose(0, 1)
         h = torch.bmm(filters, g3.transpose(1, 2)).transpose(0, 1)  # (n_fixed, C_out, C_in/g)
     for row, b in enumerate(branches):
+        if row in done:
+            continue
         s = None if scales is None else scales[row]
         sv = None if s is None else s.reshape(-1).expand(c_out)  # per output channel
         ds = None
@@ -501,8 +582,9 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
                 gi = grad.reshape(g, og, cig, p).transpose(1, 2).reshape(g * cig, og, p)
                 out['dw'] = torch.bmm(_pw_by_input(pws, g, m), gi).reshape(dw.shape)
         if need_scales:
-            scale_grads.append(ds.sum(0, keepdim=True) if s.numel() == 1 else ds)
-    grad_scales = torch.stack(scale_grads).to(scales.dtype) if need_scales else None
+            scale_grads[row] = ds.sum(0, keepdim=True) if s.numel() == 1 else ds
+    grad_scales = (torch.stack([scale_grads[r] for r in range(len(branches))]).to(scales.dtype)
+                   if need_scales else None)
     return grad_scales, out
 
 

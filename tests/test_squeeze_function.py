@@ -1,7 +1,9 @@
 """The OREPA squeeze as one operator with its own backward (:func:`mmorepa.kernels.squeeze`):
 same value as the reference written with the kernel functions, hand-written backward checked by
 gradcheck (float64) and against autograd through the reference, it keeps only the leaves for
-backward, and torch.compile's view of it (fake outputs) matches what it does."""
+backward, and torch.compile's view of it (fake outputs) matches what it does. On the CPU the
+memory-bound branches run in the extension ``mmorepa._squeeze_cpu``; the tests marked with the
+``path`` fixture run both it and torch's operators (the path of every other device)."""
 import io
 import itertools
 
@@ -16,9 +18,21 @@ from helpers import randomize_, rel_err
 CIN, COUT = 4, 8
 
 
-def _case(branches, k, groups, scaling, identity=True, m=2, seed=0):
+@pytest.fixture(params=['extension', 'operators'])
+def path(request, monkeypatch):
+    """The squeeze's CPU extension, or torch's operators alone (the extension hidden)."""
+    if request.param == 'operators':
+        monkeypatch.setattr(K, '_squeeze_cpu', None)
+    else:
+        assert K._squeeze_cpu is not None, \
+            'mmorepa._squeeze_cpu is not built: pip install -e . (tools/setup_env.sh) builds it'
+    return request.param
+
+
+def _case(branches, k, groups, scaling, identity=True, m=2, seed=0, cin=None, cout=None,
+          dt=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    dt = torch.float64
+    CIN, COUT = cin or globals()['CIN'], cout or globals()['COUT']
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=dt)
@@ -70,13 +84,13 @@ def _check(branches, k, groups, scaling, identity=True, fast_mode=True):
                                       if r in (1, 6) or bs in (('1x1', '1x1_kxk'),
                                                                ('1x1_freq', 'dw_pw'))])
 @pytest.mark.parametrize('scaling', ['vector', 'scalar', 'none'])
-def test_every_single_branch_and_all_k3_groups2(branches, scaling):
+def test_every_single_branch_and_all_k3_groups2(branches, scaling, path):
     _check(branches, 3, 2, scaling)
 
 
 @pytest.mark.parametrize('k', [1, 5, 7])
 @pytest.mark.parametrize('groups', [1, 4])
-def test_all_branches_other_sizes(k, groups):
+def test_all_branches_other_sizes(k, groups, path):
     _check(K.SQUEEZE_BRANCHES, k, groups, 'vector')
 
 
@@ -84,12 +98,12 @@ def test_full_jacobian_all_branches():
     _check(K.SQUEEZE_BRANCHES, 3, 2, 'vector', fast_mode=False)
 
 
-def test_rep1x1_form_without_identity():
+def test_rep1x1_form_without_identity(path):
     _check(('1x1', '1x1_kxk'), 1, 1, 'vector', identity=False)
     _check(('1x1_kxk', ), 1, 2, 'scalar', identity=False)
 
 
-def test_frozen_leaves_get_no_gradient():
+def test_frozen_leaves_get_no_gradient(path):
     leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, 3, 1, 'vector')
     leaves['dw'].requires_grad_()
     out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
@@ -131,7 +145,7 @@ def test_layer_keeps_only_its_parameters_for_backward(make):
 @pytest.mark.parametrize('branches, k, groups, identity, channels_last', [
     (K.SQUEEZE_BRANCHES, 3, 2, True, False), (('1x1', '1x1_kxk'), 1, 1, False, False),
     (K.SQUEEZE_BRANCHES, 3, 1, True, True)])
-def test_operators_pass_opcheck(branches, k, groups, identity, channels_last):
+def test_operators_pass_opcheck(branches, k, groups, identity, channels_last, path):
     """``mmorepa::squeeze`` and its backward as torch.compile sees them: the fake (meta) outputs
     have the real shapes and strides (also for leaves in channels-last memory format, as
     ``model.to(memory_format=torch.channels_last)`` leaves them), the schema holds, and a traced
@@ -181,3 +195,69 @@ def test_onnx_export_of_an_unfused_layer_is_refused_and_the_fused_one_exports():
     sess = ort.InferenceSession(f.getvalue(), providers=['CPUExecutionProvider'])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert rel_err(torch.from_numpy(out).double(), layer(x).double()) <= 1e-5
+
+
+@pytest.mark.parametrize('k, m, groups, threads', [
+    (3, 8, 1, 1), (3, 8, 3, 2), (3, 16, 1, 2), (5, 8, 1, 1), (1, 8, 2, 2), (7, 3, 1, 2),
+    (11, 8, 3, 1), (3, 8, 24, 2)])
+def test_extension_vector_paths_against_the_reference(k, m, groups, threads):
+    """The extension's compiled shapes (3x3, 5x5 and 1x1 taps; dw-pw expansion 8 and 16 in
+    vectors) and its general loops (7x7, 11x11, expansion 3), grouped and depthwise, one and two
+    threads (the threads share the input channels and sum the scales' gradients), against
+    autograd through the reference in float64: value and every gradient."""
+    cin = cout = 24
+    branches = K.SQUEEZE_BRANCHES
+    leaves, scales, ident, prior = _case(branches, k, groups, 'vector', m=m, seed=k + m,
+                                         cin=cin, cout=cout)
+    inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
+    g = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = K.squeeze(branches, leaves, scales, k, groups, cin, ident, prior)
+        grads = torch.autograd.grad(out, inputs, g)
+    finally:
+        torch.set_num_threads(before)
+    ref = K.squeeze_reference(branches, leaves, scales, k, groups, cin, ident, prior)
+    assert rel_err(out, ref) <= 1e-13
+    for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_extension_float32_against_the_float64_reference():
+    """float32 (what models train in): within float32 rounding of the float64 reference."""
+    branches = K.SQUEEZE_BRANCHES
+    leaves, scales, ident, prior = _case(branches, 3, 1, 'vector', m=8, cin=32, cout=48)
+    single = {n: t.float().requires_grad_() for n, t in leaves.items()}
+    s32 = scales.float().requires_grad_()
+    out = K.squeeze(branches, single, s32, 3, 1, 32, ident.float(), prior.float())
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(single.values()) + [s32], g)
+    inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
+    ref = K.squeeze_reference(branches, leaves, scales, 3, 1, 32, ident, prior)
+    assert rel_err(out, ref) <= 1e-6
+    for a, b in zip(grads, torch.autograd.grad(ref, inputs, g.double())):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_extension_runs_the_cpu_training_step_and_not_the_flop_count(monkeypatch):
+    """A CPU training step of an OREPA layer calls the extension forward and backward (so a
+    broken build cannot leave every test on the operators); FLOP counting (meta tensors) and
+    the other dtypes do not."""
+    from torch.utils.flop_counter import FlopCounterMode
+    calls = []
+    ext = K._squeeze_cpu
+    assert ext is not None
+    for name in ('squeeze_forward', 'squeeze_backward'):
+        fn = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+    layer = randomize_(OREPAConv2d(8, 16, 3, padding=1, route='kernel')).train()
+    layer(torch.randn(2, 8, 6, 6)).sum().backward()
+    assert calls == ['squeeze_forward', 'squeeze_backward']
+    calls.clear()
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.randn(2, 8, 6, 6)).sum().backward()
+    assert counter.get_total_flops() > 0 and calls == ['squeeze_forward', 'squeeze_backward']
+    calls.clear()
+    layer.to(torch.bfloat16)(torch.randn(2, 8, 6, 6, dtype=torch.bfloat16)).sum().backward()
+    assert calls == []

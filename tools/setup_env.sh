@@ -16,13 +16,13 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # What the stamp covers: every file that decides what gets installed.
 stamp_of() {
-    cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/tools/setup_env.sh" | sha256sum | cut -d' ' -f1
+    cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/tools/setup_env.sh" "$ROOT"/mmorepa/csrc/* | sha256sum | cut -d' ' -f1
 }
 STAMP="$VENV/.mmorepa-stamp"
 WANT="$(stamp_of)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] &&
-    "$PY" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmorepa' 2>/dev/null; then
+    "$PY" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmorepa, mmorepa._squeeze_cpu' 2>/dev/null; then
     log "environment ready ($VENV)"
     exit 0
 fi
@@ -75,6 +75,6 @@ log "installing mmengine, mmpretrain, mmdet, mmsegmentation and test requirement
 log "installing mmorepa (editable)"
 "${PIP[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
 
-"$PY" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmorepa'
+"$PY" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmorepa, mmorepa._squeeze_cpu'
 echo "$WANT" >"$STAMP"
 log "environment ready in $(($(date +%s) - start)) s"
