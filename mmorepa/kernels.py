@@ -7,6 +7,7 @@ paper's equations are named in each docstring (``Eq.`` = main paper, ``supp`` = 
 """
 import functools
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -16,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 try:  # built by setup.py from mmorepa/csrc/squeeze_cpu.cpp (pip install -e .)
     from mmorepa import _squeeze_cpu
-except ImportError:  # pragma: no cover - an install without the build step
-    _squeeze_cpu = None
+    _NOT_BUILT = None
+except ImportError as err:  # a source tree used without its build step
+    _squeeze_cpu, _NOT_BUILT = None, err
 
 __all__ = [
     'fuse_bn', 'pad_to', 'compose', 'compose_1x1', 'compose_1x1_depthwise', 'avg_kernel',
@@ -400,8 +402,6 @@ def _one_pass_operands(branches, leaves, scales, k, groups, freq_prior):
     (``(rows, scales, kxk, fixed 1x1s, filters, dw, pw)``, ``rows`` their rows of ``scales``), or
     ``None`` where the extension does not apply: not built, not on the CPU (meta tensors, which
     count FLOPs, included), not float32 / float64, mixed dtypes, or no such branch."""
-    if _squeeze_cpu is None:
-        return None
     rows = [r for r, b in enumerate(branches) if b in _ONE_PASS]
     if not rows:
         return None
@@ -410,6 +410,13 @@ def _one_pass_operands(branches, leaves, scales, k, groups, freq_prior):
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64) or any(
             t.dtype != dtype or t.device.type != 'cpu' for t in tensors):
+        return None
+    if _squeeze_cpu is None:
+        if _NOT_BUILT is not None:  # said once (the warning filters' default)
+            warnings.warn(f'mmorepa._squeeze_cpu is not built ({_NOT_BUILT}): OREPA squeezes '
+                          "run on torch's operators, several times slower on the CPU; "
+                          'pip install -e . (tools/setup_env.sh) builds it', RuntimeWarning,
+                          stacklevel=2)
         return None
     # rows in the extension's order: kxk, the fixed-filter branches, dw-pw
     kxk = [r for r in rows if branches[r] == 'kxk']

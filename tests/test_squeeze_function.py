@@ -261,3 +261,15 @@ def test_extension_runs_the_cpu_training_step_and_not_the_flop_count(monkeypatch
     calls.clear()
     layer.to(torch.bfloat16)(torch.randn(2, 8, 6, 6, dtype=torch.bfloat16)).sum().backward()
     assert calls == []
+
+
+def test_a_missing_extension_is_said_and_the_operators_give_the_same_kernel(monkeypatch):
+    """A source tree used without its build step: one warning naming the extension and how to
+    build it, and torch's operators compute the same kernel."""
+    leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, 3, 1, 'vector', m=8)
+    built = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
+    monkeypatch.setattr(K, '_squeeze_cpu', None)
+    monkeypatch.setattr(K, '_NOT_BUILT', ImportError('No module named mmorepa._squeeze_cpu'))
+    with pytest.warns(RuntimeWarning, match=r'_squeeze_cpu is not built .*pip install -e \.'):
+        out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
+    assert rel_err(out, built) <= 1e-13

@@ -86,6 +86,43 @@ inline void forward_range(const Shape& sh, const Operands<T>& in, int64_t i0, in
     }
 }
 
+template <typename V, typename T>
+inline V vload(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+}
+template <typename V, typename T>
+inline void vstore(T* p, V v) {
+    std::memcpy(p, &v, sizeof(V));
+}
+
+// ``sum(g * w)`` over n contiguous elements (four partial sums in 32-byte vectors, one fixed
+// order) and, when out is given, ``out = s * g``: the kxk branch's scale gradient and weight
+// gradient for a stretch of one output channel.
+template <typename T>
+inline T dot_and_scale(const T* g, const T* w, int64_t n, T s, T* out) {
+    typedef T V __attribute__((vector_size(32)));
+    constexpr int64_t L = 32 / sizeof(T);
+    V acc[4] = {};
+    int64_t j = 0;
+    for (; j + 4 * L <= n; j += 4 * L) {
+        for (int u = 0; u < 4; ++u) {
+            const V gv = vload<V>(g + j + u * L);
+            acc[u] += gv * vload<V>(w + j + u * L);
+            if (out) vstore(out + j + u * L, s * gv);
+        }
+    }
+    const V sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    T r = 0;
+    for (int64_t l = 0; l < L; ++l) r += sum[l];
+    for (; j < n; ++j) {
+        r += g[j] * w[j];
+        if (out) out[j] = s * g[j];
+    }
+    return r;
+}
+
 // dw-pw's backward at one (o, i): ``t[m] = sum_p g[p] dw[i, m, p]``, ``d_pw = s t``, the scale's
 // partial sum ``ds += t * pw`` and ``d_dw[i, m, p] += s pw[m] g[p]``, written across the M
 // depthwise channels (dw and d_dw as (P, M) per input channel), never along a sum. MC: M when it
@@ -104,8 +141,8 @@ struct DwPwBackward {
                      T* d_dwt) {
         if constexpr (MC > 0) {
             typedef T V __attribute__((vector_size(sizeof(T) * MC)));
-            auto load = [](const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; };
-            auto store = [](T* p, V v) { std::memcpy(p, &v, sizeof(V)); };
+            auto load = [](const T* p) { return vload<V>(p); };
+            auto store = [](T* p, V v) { vstore(p, v); };
             V t = {};
             for (int64_t p = 0; p < P; ++p) t += g[p] * load(dwt + p * MC);
             const V w = load(pwr);
@@ -135,7 +172,6 @@ template <typename T, int PC, int MC>
 inline void backward_range(const Shape& sh, const Operands<T>& in, int64_t i0, int64_t i1, T* ds) {
     const int64_t P = PC > 0 ? PC : sh.taps;
     const int64_t cig = sh.cig, M = sh.m, nf = sh.n_fixed, C = sh.c_out;
-    T vk[PC > 0 ? PC : kMaxTaps];
     T ft[(PC > 0 ? PC : kMaxTaps) * kMaxFixed];  // the filters of output channel o, (P, 4)
     DwPwBackward<T, MC> dwpw;
     for (int64_t o = 0; o < C; ++o) {
@@ -148,17 +184,15 @@ inline void backward_range(const Shape& sh, const Operands<T>& in, int64_t i0, i
             for (int64_t p = 0; p < P; ++p)
                 ft[p * kMaxFixed + b] = b < nf ? in.filters[(b * C + o) * P + p] : T(0);
         }
-        std::fill(vk, vk + P, T(0));
+        if (sh.has_kxk) {  // the kxk branch over the whole row segment at once
+            const int64_t at = (o * cig + i0) * P;
+            ds[o] += dot_and_scale(in.grad + at, in.kxk + at, (i1 - i0) * P, sk,
+                                   in.d_kxk ? in.d_kxk + at : nullptr);
+        }
         dwpw.reset(M);
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t oi = o * cig + i;
             const T* g = in.grad + oi * P;
-            if (sh.has_kxk) {
-                const T* w = in.kxk + oi * P;
-                for (int64_t p = 0; p < P; ++p) vk[p] += g[p] * w[p];
-                if (in.d_kxk)
-                    for (int64_t p = 0; p < P; ++p) in.d_kxk[oi * P + p] = sk * g[p];
-            }
             if (nf) {
                 T h[kMaxFixed] = {};
                 for (int64_t p = 0; p < P; ++p)
@@ -174,11 +208,6 @@ inline void backward_range(const Shape& sh, const Operands<T>& in, int64_t i0, i
                           in.d_pw ? in.d_pw + oi * M : nullptr,
                           in.d_dw ? in.d_dw + ig * P * M : nullptr);
             }
-        }
-        if (sh.has_kxk) {
-            T s = 0;
-            for (int64_t p = 0; p < P; ++p) s += vk[p];
-            ds[o] += s;
         }
         for (int64_t b = 0; b < nf; ++b) ds[sh.row_fixed(b) * C + o] += dsf[b];
         if (sh.has_dwpw) ds[sh.row_dw() * C + o] += dwpw.sum(M);
