@@ -442,14 +442,17 @@ def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, ident
     c_out = _out_channels(leaves)
     one_pass = _one_pass_operands(branches, leaves, scales, k, groups, freq_prior)
     if one_pass is not None:
-        order, *operands = one_pass
-        total = _squeeze_cpu.squeeze_forward(*operands, c_out, in_channels // groups, groups,
-                                             k * k).view(c_out, in_channels // groups, k, k)
+        # the pair composed (unscaled) by torch; the extension adds the rest over it
+        _, rows_scales, *operands = one_pass
+        cig, pair = in_channels // groups, None
         if '1x1_kxk' in branches:
             row = branches.index('1x1_kxk')
-            compose_1x1(_first_factor(leaves, identity), leaves['1x1_kxk.second'], groups,
-                        None if scales is None else scales[row], accumulate=total)
-        return total
+            pair = compose_1x1(_first_factor(leaves, identity), leaves['1x1_kxk.second'],
+                               groups).reshape(c_out, cig, k * k).contiguous()
+            s = rows_scales.new_ones(1, c_out) if scales is None else scales[row:row + 1]
+            rows_scales = torch.cat([rows_scales, s.expand(1, c_out)])
+        return _squeeze_cpu.squeeze_forward(rows_scales, *operands, pair, c_out, cig, groups,
+                                            k * k).view(c_out, cig, k, k)
     # start from a full-size kernel (kxk; the 1x1 itself when k = 1) or from zeros
     total, start = None, 'kxk' if 'kxk' in branches else '1x1' if k == 1 else None
     for row, b in enumerate(branches):

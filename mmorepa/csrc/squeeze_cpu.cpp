@@ -31,8 +31,9 @@ constexpr int64_t kMaxFixed = 4;   // fixed-filter 1x1 branches (OREPA has three
 
 struct Shape {
     int64_t c_out, cig, og, taps, m, n_fixed;
-    bool has_kxk, has_dwpw;
+    bool has_kxk, has_dwpw, has_pair;
     int64_t row_dw() const { return (has_kxk ? 1 : 0) + n_fixed; }
+    int64_t row_pair() const { return row_dw() + (has_dwpw ? 1 : 0); }
     int64_t row_fixed(int64_t b) const { return (has_kxk ? 1 : 0) + b; }
 };
 
@@ -54,7 +55,8 @@ struct Operands {
 };
 
 // K[o, i, :] for the input channels [i0, i1) of every output channel. PC: the taps when known at
-// compile time (the loops over taps unroll and vectorise), else 0.
+// compile time (the loops over taps unroll and vectorise), else 0. With the pair's kernel in
+// out (has_pair), its scaled value is added where it stands.
 template <typename T, int PC>
 inline void forward_range(const Shape& sh, const Operands<T>& in, int64_t i0, int64_t i1, T* out) {
     const int64_t P = PC > 0 ? PC : sh.taps;
@@ -65,9 +67,12 @@ inline void forward_range(const Shape& sh, const Operands<T>& in, int64_t i0, in
         const int64_t grp = o / sh.og;
         const T sk = sh.has_kxk ? in.scales[o] : T(0);
         const T sd = sh.has_dwpw ? in.scales[sh.row_dw() * C + o] : T(0);
+        const T sp = sh.has_pair ? in.scales[sh.row_pair() * C + o] : T(0);
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t oi = o * cig + i;
             for (int64_t p = 0; p < P; ++p) acc[p] = sh.has_kxk ? sk * in.kxk[oi * P + p] : T(0);
+            if (sh.has_pair)
+                for (int64_t p = 0; p < P; ++p) acc[p] += sp * out[oi * P + p];
             for (int64_t b = 0; b < nf; ++b) {
                 const T a = in.scales[sh.row_fixed(b) * C + o] * in.fixed[b][oi];
                 const T* f = in.filters + (b * C + o) * P;
@@ -279,7 +284,8 @@ const T* ptr(const c10::optional<at::Tensor>& t) {
 Shape check_inputs(const at::Tensor& scales, const c10::optional<at::Tensor>& kxk,
                    const std::vector<at::Tensor>& fixed, const at::Tensor& filters,
                    const c10::optional<at::Tensor>& dw, const c10::optional<at::Tensor>& pw,
-                   int64_t c_out, int64_t cig, int64_t groups, int64_t taps) {
+                   const c10::optional<at::Tensor>& pair, int64_t c_out, int64_t cig,
+                   int64_t groups, int64_t taps) {
     auto check = [&](const at::Tensor& t, const char* name, int64_t numel) {
         TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
                         t.scalar_type() == scales.scalar_type() && t.numel() == numel,
@@ -291,10 +297,11 @@ Shape check_inputs(const at::Tensor& scales, const c10::optional<at::Tensor>& kx
     TORCH_CHECK(groups >= 1 && c_out % groups == 0, "squeeze_cpu: bad groups ", groups);
     TORCH_CHECK(nf <= kMaxFixed, "squeeze_cpu: at most ", kMaxFixed, " fixed-filter branches");
     TORCH_CHECK(dw.has_value() == pw.has_value(), "squeeze_cpu: dw and pw go together");
-    const bool has_kxk = kxk.has_value(), has_dwpw = dw.has_value();
-    const int64_t rows = (has_kxk ? 1 : 0) + nf + (has_dwpw ? 1 : 0);
+    const bool has_kxk = kxk.has_value(), has_dwpw = dw.has_value(), has_pair = pair.has_value();
+    const int64_t rows = (has_kxk ? 1 : 0) + nf + (has_dwpw ? 1 : 0) + (has_pair ? 1 : 0);
     check(scales, "scales", rows * c_out);
     if (has_kxk) check(*kxk, "kxk", c_out * cig * taps);
+    if (has_pair) check(*pair, "the pair's kernel", c_out * cig * taps);
     for (const auto& t : fixed) check(t, "a fixed-filter 1x1", c_out * cig);
     if (nf) check(filters, "filters", nf * c_out * taps);
     int64_t m = 1;
@@ -303,18 +310,22 @@ Shape check_inputs(const at::Tensor& scales, const c10::optional<at::Tensor>& kx
         check(*dw, "dw", cig * groups * m * taps);
         check(*pw, "pw", c_out * cig * m);
     }
-    return Shape{c_out, cig, c_out / groups, taps, m, nf, has_kxk, has_dwpw};
+    return Shape{c_out, cig, c_out / groups, taps, m, nf, has_kxk, has_dwpw, has_pair};
 }
 
 }  // namespace
 
-// The sum of the scaled kernels of the given branches, (C_out, C_in/g, P).
+// The sum of the scaled kernels of the given branches, (C_out, C_in/g, P). pair: the unscaled
+// kernel of the 1x1-kxk pair (composed by torch), scaled by the last row of scales; the sum is
+// written over it and returned (no other kernel-sized buffer).
 at::Tensor squeeze_forward(at::Tensor scales, c10::optional<at::Tensor> kxk,
                            std::vector<at::Tensor> fixed, at::Tensor filters,
                            c10::optional<at::Tensor> dw, c10::optional<at::Tensor> pw,
-                           int64_t c_out, int64_t cig, int64_t groups, int64_t taps) {
-    const Shape sh = check_inputs(scales, kxk, fixed, filters, dw, pw, c_out, cig, groups, taps);
-    at::Tensor out = at::empty({c_out, cig, taps}, scales.options());
+                           c10::optional<at::Tensor> pair, int64_t c_out, int64_t cig,
+                           int64_t groups, int64_t taps) {
+    const Shape sh = check_inputs(scales, kxk, fixed, filters, dw, pw, pair, c_out, cig, groups,
+                                  taps);
+    at::Tensor out = sh.has_pair ? *pair : at::empty({c_out, cig, taps}, scales.options());
     AT_DISPATCH_FLOATING_TYPES(scales.scalar_type(), "squeeze_forward", [&] {
         using T = scalar_t;
         Operands<T> in;
@@ -348,7 +359,7 @@ std::vector<at::Tensor> squeeze_backward(at::Tensor grad, at::Tensor scales,
                                          c10::optional<at::Tensor> pw, int64_t groups,
                                          std::vector<bool> needs) {
     TORCH_CHECK(grad.dim() == 3, "squeeze_cpu: grad must be (C_out, C_in/g, P)");
-    const Shape sh = check_inputs(scales, kxk, fixed, filters, dw, pw, grad.size(0),
+    const Shape sh = check_inputs(scales, kxk, fixed, filters, dw, pw, c10::nullopt, grad.size(0),
                                   grad.size(1), groups, grad.size(2));
     TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == scales.scalar_type(),
                 "squeeze_cpu: grad must be contiguous, of the scales' dtype");
