@@ -504,18 +504,27 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
     pass per layout change or scaling, scaling fused into the layout changes. On the CPU the
     branches other than 1x1-kxk go to :mod:`mmorepa._squeeze_cpu` (one pass over ``G``).
     """
-    grad = grad.contiguous()
     c_out, cig = grad.shape[:2]
     g, og, p = groups, c_out // groups, k * k
-    g3 = grad.reshape(c_out, cig, p)
     out = {}
     scale_grads = {}
     fixed, done = [], ()
     one_pass = _one_pass_operands(branches, leaves, scales, k, groups, freq_prior)
+    # a channels-last gradient (torch.compile's layout) goes to the extension as it is, unless
+    # the pair's products need it contiguous
+    taps_outer = (one_pass is not None and '1x1_kxk' not in branches
+                  and not grad.is_contiguous()
+                  and grad.is_contiguous(memory_format=torch.channels_last))
+    if taps_outer:
+        g3 = grad.permute(0, 2, 3, 1).reshape(c_out, p, cig)  # a view
+    else:
+        grad = grad.contiguous()
+        g3 = grad.reshape(c_out, cig, p)
     if one_pass is not None:
         done, *operands = one_pass
         names = [n for r in done for n in SQUEEZE_LEAVES[branches[r]]]
-        res = _squeeze_cpu.squeeze_backward(g3, *operands, groups, [needs[n] for n in names])
+        res = _squeeze_cpu.squeeze_backward(g3, *operands, groups, [needs[n] for n in names],
+                                            taps_outer)
         nf = len(operands[2])
         by_name = ([res[1]] if 'kxk' in names else []) + res[2:2 + nf] + (
             res[-2:] if 'dw' in names else [])

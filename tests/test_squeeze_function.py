@@ -273,3 +273,26 @@ def test_a_missing_extension_is_said_and_the_operators_give_the_same_kernel(monk
     with pytest.warns(RuntimeWarning, match=r'_squeeze_cpu is not built .*pip install -e \.'):
         out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
     assert rel_err(out, built) <= 1e-13
+
+
+@pytest.mark.parametrize('k, m, groups', [(3, 8, 1), (5, 3, 2)])
+def test_channels_last_gradient_is_read_in_place(k, m, groups, monkeypatch):
+    """A channels-last gradient of the squeezed kernel (a channels-last model's conv, or
+    torch.compile's layout on the CPU) goes to the extension as it is when there is no 1x1-kxk
+    pair: the same gradients as autograd through the reference (float64)."""
+    branches = tuple(b for b in K.SQUEEZE_BRANCHES if b != '1x1_kxk')
+    leaves, scales, ident, prior = _case(branches, k, groups, 'vector', m=m, cin=16, cout=24)
+    inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
+    g = torch.randn(24, 16 // groups, k, k, dtype=torch.float64)
+    g_cl = g.contiguous(memory_format=torch.channels_last)
+    assert not g_cl.is_contiguous()
+    layouts = []
+    backward = K._squeeze_cpu.squeeze_backward
+    monkeypatch.setattr(K._squeeze_cpu, 'squeeze_backward',
+                        lambda *a: layouts.append(a[-1]) or backward(*a))
+    out = K.squeeze(branches, leaves, scales, k, groups, 16, None, prior)
+    grads = torch.autograd.grad(out, inputs, g_cl)
+    assert layouts == [True]  # read as (C_out, k * k, C_in / g), not copied
+    ref = K.squeeze_reference(branches, leaves, scales, k, groups, 16, None, prior)
+    for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
+        assert rel_err(a, b) <= 1e-12

@@ -32,6 +32,7 @@ constexpr int64_t kMaxFixed = 4;   // fixed-filter 1x1 branches (OREPA has three
 struct Shape {
     int64_t c_out, cig, og, taps, m, n_fixed;
     bool has_kxk, has_dwpw, has_pair;
+    bool taps_outer = false;  // the backward's gradient laid out (C_out, P, C_in/g)
     int64_t row_dw() const { return (has_kxk ? 1 : 0) + n_fixed; }
     int64_t row_pair() const { return row_dw() + (has_dwpw ? 1 : 0); }
     int64_t row_fixed(int64_t b) const { return (has_kxk ? 1 : 0) + b; }
@@ -47,6 +48,7 @@ struct Operands {
     const T* filters = nullptr;
     const T* dw = nullptr;  // forward: (C_in * M, P); backward: (C_in, P, M)
     const T* pw = nullptr;
+    const T* pair = nullptr;  // forward: the pair's unscaled kernel (may be the output itself)
     const T* grad = nullptr;
     T* d_kxk = nullptr;
     T* d_fixed[kMaxFixed] = {};
@@ -72,7 +74,7 @@ inline void forward_range(const Shape& sh, const Operands<T>& in, int64_t i0, in
             const int64_t oi = o * cig + i;
             for (int64_t p = 0; p < P; ++p) acc[p] = sh.has_kxk ? sk * in.kxk[oi * P + p] : T(0);
             if (sh.has_pair)
-                for (int64_t p = 0; p < P; ++p) acc[p] += sp * out[oi * P + p];
+                for (int64_t p = 0; p < P; ++p) acc[p] += sp * in.pair[oi * P + p];
             for (int64_t b = 0; b < nf; ++b) {
                 const T a = in.scales[sh.row_fixed(b) * C + o] * in.fixed[b][oi];
                 const T* f = in.filters + (b * C + o) * P;
@@ -189,15 +191,28 @@ inline void backward_range(const Shape& sh, const Operands<T>& in, int64_t i0, i
             for (int64_t p = 0; p < P; ++p)
                 ft[p * kMaxFixed + b] = b < nf ? in.filters[(b * C + o) * P + p] : T(0);
         }
-        if (sh.has_kxk) {  // the kxk branch over the whole row segment at once
+        if (sh.has_kxk && !sh.taps_outer) {  // the kxk branch over the row segment at once
             const int64_t at = (o * cig + i0) * P;
             ds[o] += dot_and_scale(in.grad + at, in.kxk + at, (i1 - i0) * P, sk,
                                    in.d_kxk ? in.d_kxk + at : nullptr);
         }
         dwpw.reset(M);
+        T gathered[PC > 0 ? PC : kMaxTaps];
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t oi = o * cig + i;
             const T* g = in.grad + oi * P;
+            if (sh.taps_outer) {  // grad laid out (C_out, P, C_in/g): this (o, i)'s taps
+                for (int64_t p = 0; p < P; ++p) gathered[p] = in.grad[(o * P + p) * cig + i];
+                g = gathered;
+                if (sh.has_kxk) {
+                    const T* w = in.kxk + oi * P;
+                    T dot = 0;
+                    for (int64_t p = 0; p < P; ++p) dot += g[p] * w[p];
+                    ds[o] += dot;
+                    if (in.d_kxk)
+                        for (int64_t p = 0; p < P; ++p) in.d_kxk[oi * P + p] = sk * g[p];
+                }
+            }
             if (nf) {
                 T h[kMaxFixed] = {};
                 for (int64_t p = 0; p < P; ++p)
@@ -335,6 +350,7 @@ at::Tensor squeeze_forward(at::Tensor scales, c10::optional<at::Tensor> kxk,
         in.filters = fixed.empty() ? nullptr : filters.data_ptr<T>();
         in.dw = ptr<T>(dw);
         in.pw = ptr<T>(pw);
+        in.pair = ptr<T>(pair);
         T* y = out.data_ptr<T>();
         by_taps(taps, [&](auto pc) {
             auto range = &forward_range_base<T, decltype(pc)::value>;
@@ -349,18 +365,23 @@ at::Tensor squeeze_forward(at::Tensor scales, c10::optional<at::Tensor> kxk,
     return out;
 }
 
-// The gradients for grad (C_out, C_in/g, P): [d_scales (n_rows, C_out), d_kxk, d_fixed...,
-// d_dw, d_pw], an undefined tensor for a branch that is absent or not needed. needs: one flag
-// per leaf present, in that order (kxk, the fixed-filter 1x1s, dw, pw).
+// The gradients for grad (C_out, C_in/g, P), or (C_out, P, C_in/g) when taps_outer (the
+// channels-last layout of a kernel's gradient: channels-last models, torch.compile on the CPU,
+// whose conv weight gradients come out so): [d_scales (n_rows, C_out),
+// d_kxk, d_fixed..., d_dw, d_pw], an undefined tensor for a branch that is absent or not needed.
+// needs: one flag per leaf present, in that order (kxk, the fixed-filter 1x1s, dw, pw).
 std::vector<at::Tensor> squeeze_backward(at::Tensor grad, at::Tensor scales,
                                          c10::optional<at::Tensor> kxk,
                                          std::vector<at::Tensor> fixed, at::Tensor filters,
                                          c10::optional<at::Tensor> dw,
                                          c10::optional<at::Tensor> pw, int64_t groups,
-                                         std::vector<bool> needs) {
-    TORCH_CHECK(grad.dim() == 3, "squeeze_cpu: grad must be (C_out, C_in/g, P)");
-    const Shape sh = check_inputs(scales, kxk, fixed, filters, dw, pw, c10::nullopt, grad.size(0),
-                                  grad.size(1), groups, grad.size(2));
+                                         std::vector<bool> needs, bool taps_outer) {
+    TORCH_CHECK(grad.dim() == 3, "squeeze_cpu: grad must be (C_out, C_in/g, P) or, taps_outer, "
+                "(C_out, P, C_in/g)");
+    const int64_t cig = grad.size(taps_outer ? 2 : 1), taps = grad.size(taps_outer ? 1 : 2);
+    Shape sh = check_inputs(scales, kxk, fixed, filters, dw, pw, c10::nullopt, grad.size(0), cig,
+                            groups, taps);
+    sh.taps_outer = taps_outer;
     TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == scales.scalar_type(),
                 "squeeze_cpu: grad must be contiguous, of the scales' dtype");
     TORCH_CHECK((int64_t)needs.size() == (sh.has_kxk ? 1 : 0) + sh.n_fixed + (sh.has_dwpw ? 2 : 0),
