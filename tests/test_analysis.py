@@ -183,3 +183,14 @@ def test_benchmark_regimes_build_the_stock_classifier_with_conv_cfg(tmp_path):
                             ('in-r50-224px', 'orepa', 1.1)]]
     out = bench.plot_regimes(rows, str(tmp_path / 'ratio.png'))
     assert Path(out).stat().st_size > 5000
+
+
+@pytest.mark.parametrize('entry', ['no_such_option=1', 'layout_optimization', 'layout_optimization=Fals'])
+def test_benchmark_refuses_a_bad_compile_option_in_one_line(entry):
+    r = subprocess.run([sys.executable, 'tools/analysis/benchmark_train_cost.py', '--regimes',
+                        'cifar-r18-b16', '--compile', '--compile-options', entry],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"benchmark_train_cost: bad --compile-options entry {entry!r}: expected KEY=VALUE with "
+        "KEY an inductor option and VALUE a Python literal"]

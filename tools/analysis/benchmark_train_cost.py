@@ -215,7 +215,8 @@ def worker(spec: dict) -> dict:
                     cpu_times.append(time.process_time() - c)
         return times
 
-    run = torch.compile(model) if spec.get('compile') else model
+    run = (torch.compile(model, options=spec.get('compile_options') or None)
+           if spec.get('compile') else model)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -345,6 +346,9 @@ def main(argv=None):
                         '(after the timed ones)')
     parser.add_argument('--compile', action='store_true',
                         help='train through torch.compile (default backend)')
+    parser.add_argument('--compile-options', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='with --compile: inductor options (torch.compile(options=...)), '
+                        'VALUE a Python literal, e.g. layout_optimization=False')
     parser.add_argument('--eval', action='store_true', help='also time eval un-fused vs fused')
     parser.add_argument('--squeeze', default='function', choices=['function', 'autograd'],
                         help="the OREPA squeeze: one autograd node with its own backward "
@@ -360,13 +364,15 @@ def main(argv=None):
         print(json.dumps(worker(json.loads(args.worker))))
         return None
     import torch
+    compile_options = _compile_options(args.compile_options)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     timing = not args.counters_only
     if not timing:
         args.steps, args.warmup, args.repeats, args.eval = 0, 0, 1, False
     common = dict(batch_size=args.batch_size, input_size=args.input_size, steps=args.steps,
                   warmup=args.warmup, threads=args.threads, device=device, eval=args.eval,
-                  squeeze=args.squeeze, compile=args.compile, profile=args.profile)
+                  squeeze=args.squeeze, compile=args.compile, profile=args.profile,
+                  compile_options=compile_options)
     todo = list(variants(args))
     runs = [[] for _ in todo]
     for rep in range(args.repeats):
@@ -415,8 +421,11 @@ def main(argv=None):
         mem = 'peak GPU MiB' if device == 'cuda' else 'peak RSS MiB'
         shape = ('batch and input of each regime' if args.regimes else
                  f'batch {args.batch_size}, input {args.input_size}')
+        compiled = ''
+        if args.compile:
+            compiled = f'torch.compile{" " + str(compile_options) if compile_options else ""}, '
         print(f'\ndevice: {device} ({args.threads} threads), {shape}, '
-              f'{"torch.compile, " if args.compile else ""}median of {args.steps} steps after '
+              f'{compiled}median of {args.steps} steps after '
               f'{args.warmup}, fastest of {args.repeats} processes per variant')
         head = f'| arch | re-param | s/step | x plain | all processes s/step | {mem} | x plain |'
         cpu = any(r.get('cpu_step_s') for r in results)
@@ -516,6 +525,25 @@ def plot_regimes(results, path, timing=True):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _compile_options(items) -> dict:
+    """``KEY=VALUE`` items as inductor options; a bad item or an unknown key: one line on
+    stderr, exit status 1."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+    options = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            sep = ''
+        if not sep or not hasattr(inductor_config, key):
+            sys.exit(f'benchmark_train_cost: bad --compile-options entry {item!r}: expected '
+                     'KEY=VALUE with KEY an inductor option and VALUE a Python literal')
+    return options
 
 
 def _ratio(value, digits=2):
