@@ -397,11 +397,12 @@ def _fixed_filters(fixed, c_out, k, freq_prior, like: Tensor) -> Tensor:
     return filters
 
 
-def _one_pass_operands(branches, leaves, scales, k, groups, freq_prior):
+def _one_pass_operands(branches, leaves, scales, k, groups, in_channels, freq_prior):
     """The operands of :mod:`mmorepa._squeeze_cpu` for the memory-bound branches of this squeeze
     (``(rows, scales, kxk, fixed 1x1s, filters, dw, pw)``, ``rows`` their rows of ``scales``), or
     ``None`` where the extension does not apply: not built, not on the CPU (meta tensors, which
-    count FLOPs, included), not float32 / float64, mixed dtypes, or no such branch."""
+    count FLOPs, included), not float32 / float64, mixed dtypes, no such branch, or sizes beyond
+    its registers (kernels above 11 x 11, a dw-pw expansion above 64)."""
     rows = [r for r, b in enumerate(branches) if b in _ONE_PASS]
     if not rows:
         return None
@@ -410,6 +411,8 @@ def _one_pass_operands(branches, leaves, scales, k, groups, freq_prior):
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64) or any(
             t.dtype != dtype or t.device.type != 'cpu' for t in tensors):
+        return None
+    if k > 11 or ('dw_pw' in branches and leaves['dw'].shape[0] > 64 * in_channels):
         return None
     if _squeeze_cpu is None:
         if _NOT_BUILT is not None:  # said once (the warning filters' default)
@@ -440,7 +443,7 @@ def _squeeze_accumulated(branches, leaves, scales, k, groups, in_channels, ident
     scaled and added into one kernel in the pass that writes it."""
     ref = next(iter(leaves.values()))
     c_out = _out_channels(leaves)
-    one_pass = _one_pass_operands(branches, leaves, scales, k, groups, freq_prior)
+    one_pass = _one_pass_operands(branches, leaves, scales, k, groups, in_channels, freq_prior)
     if one_pass is not None:
         # the pair composed (unscaled) by torch; the extension adds the rest over it
         _, rows_scales, *operands = one_pass
@@ -509,7 +512,7 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
     out = {}
     scale_grads = {}
     fixed, done = [], ()
-    one_pass = _one_pass_operands(branches, leaves, scales, k, groups, freq_prior)
+    one_pass = _one_pass_operands(branches, leaves, scales, k, groups, in_channels, freq_prior)
     # a channels-last gradient (torch.compile's layout) goes to the extension as it is, unless
     # the pair's products need it contiguous
     taps_outer = (one_pass is not None and '1x1_kxk' not in branches

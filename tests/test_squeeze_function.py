@@ -296,3 +296,23 @@ def test_channels_last_gradient_is_read_in_place(k, m, groups, monkeypatch):
     ref = K.squeeze_reference(branches, leaves, scales, k, groups, 16, None, prior)
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
         assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize('k, m', [(13, 2), (3, 65)])
+def test_sizes_beyond_the_extension_take_the_operators(k, m, monkeypatch):
+    """Kernels above 11 x 11 and dw-pw expansions above 64 (beyond the extension's registers)
+    take torch's operators, with the reference's value and gradients."""
+    calls = []
+    for name in ('squeeze_forward', 'squeeze_backward'):
+        fn = getattr(K._squeeze_cpu, name)
+        monkeypatch.setattr(K._squeeze_cpu, name, lambda *a, _f=fn: calls.append(1) or _f(*a))
+    leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, k, 1, 'vector', m=m)
+    inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
+    out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, k, 1, CIN, ident, prior)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g)
+    assert calls == []
+    ref = K.squeeze_reference(K.SQUEEZE_BRANCHES, leaves, scales, k, 1, CIN, ident, prior)
+    assert rel_err(out, ref) <= 1e-13
+    for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
+        assert rel_err(a, b) <= 1e-12

@@ -28,6 +28,7 @@ namespace {
 
 constexpr int64_t kMaxTaps = 121;  // k <= 11
 constexpr int64_t kMaxFixed = 4;   // fixed-filter 1x1 branches (OREPA has three kinds)
+constexpr int64_t kMaxExpansion = 64;  // dw-pw's depthwise channels per input channel
 
 struct Shape {
     int64_t c_out, cig, og, taps, m, n_fixed;
@@ -136,7 +137,7 @@ inline T dot_and_scale(const T* g, const T* w, int64_t n, T s, T* out) {
 // is a vector width (8 or 16), else 0 (scalar loops).
 template <typename T, int MC>
 struct DwPwBackward {
-    static constexpr int64_t kLanes = MC > 0 ? MC : 64;
+    static constexpr int64_t kLanes = MC > 0 ? MC : kMaxExpansion;
     T ds[kLanes];
     void reset(int64_t M) { std::fill(ds, ds + M, T(0)); }
     T sum(int64_t M) const {
@@ -322,6 +323,8 @@ Shape check_inputs(const at::Tensor& scales, const c10::optional<at::Tensor>& kx
     int64_t m = 1;
     if (has_dwpw) {
         m = dw->numel() / (cig * groups * taps);
+        TORCH_CHECK(m >= 1 && m <= kMaxExpansion, "squeeze_cpu: dw-pw expansion ", m,
+                    " outside 1..", kMaxExpansion);
         check(*dw, "dw", cig * groups * m * taps);
         check(*pw, "pw", c_out * cig * m);
     }
