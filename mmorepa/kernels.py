@@ -412,7 +412,9 @@ def _one_pass_operands(branches, leaves, scales, k, groups, in_channels, freq_pr
     if dtype not in (torch.float32, torch.float64) or any(
             t.dtype != dtype or t.device.type != 'cpu' for t in tensors):
         return None
-    if k > 11 or ('dw_pw' in branches and leaves['dw'].shape[0] > 64 * in_channels):
+    if _squeeze_cpu is not None and (
+            k * k > _squeeze_cpu.MAX_TAPS or ('dw_pw' in branches and leaves['dw'].shape[0]
+                                              > _squeeze_cpu.MAX_EXPANSION * in_channels)):
         return None
     if _squeeze_cpu is None:
         if _NOT_BUILT is not None:  # said once (the warning filters' default)
@@ -510,8 +512,8 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
     c_out, cig = grad.shape[:2]
     g, og, p = groups, c_out // groups, k * k
     out = {}
-    scale_grads = {}
-    fixed, done = [], ()
+    scale_grads = []
+    fixed, done = [], {}  # done: the extension's per-channel scale gradient of each of its rows
     one_pass = _one_pass_operands(branches, leaves, scales, k, groups, in_channels, freq_prior)
     # a channels-last gradient (torch.compile's layout) goes to the extension as it is, unless
     # the pair's products need it contiguous
@@ -524,8 +526,8 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
         grad = grad.contiguous()
         g3 = grad.reshape(c_out, cig, p)
     if one_pass is not None:
-        done, *operands = one_pass
-        names = [n for r in done for n in SQUEEZE_LEAVES[branches[r]]]
+        order, *operands = one_pass
+        names = [n for r in order for n in SQUEEZE_LEAVES[branches[r]]]
         res = _squeeze_cpu.squeeze_backward(g3, *operands, groups, [needs[n] for n in names],
                                             taps_outer)
         nf = len(operands[2])
@@ -534,8 +536,7 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
         for n, t in zip(names, by_name):
             if t is not None:
                 out[n] = t.view(leaves[n].shape)
-        for j, r in enumerate(done if need_scales else ()):
-            scale_grads[r] = res[0][j].sum(0, keepdim=True) if scales[r].numel() == 1 else res[0][j]
+        done = dict(zip(order, res[0]))
     else:
         # the 1x1 branches followed by a fixed per-channel filter: one batched product for all,
         # [n_fixed, p] @ [p, i] per output channel (the long side last), read as (n_fixed, o, i)
@@ -544,12 +545,12 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
         filters = _fixed_filters(fixed, c_out, k, freq_prior, grad).transpose(0, 1)
         h = torch.bmm(filters, g3.transpose(1, 2)).transpose(0, 1)  # (n_fixed, C_out, C_in/g)
     for row, b in enumerate(branches):
-        if row in done:
-            continue
         s = None if scales is None else scales[row]
         sv = None if s is None else s.reshape(-1).expand(c_out)  # per output channel
         ds = None
-        if b == 'kxk':
+        if row in done:
+            ds = done[row]
+        elif b == 'kxk':
             w = leaves['kxk']
             if needs['kxk']:
                 out['kxk'] = grad if s is None else grad * sv.reshape(-1, 1, 1, 1)
@@ -604,9 +605,8 @@ def _squeeze_backward(grad, branches, leaves, needs, need_scales, scales, k, gro
                 gi = grad.reshape(g, og, cig, p).transpose(1, 2).reshape(g * cig, og, p)
                 out['dw'] = torch.bmm(_pw_by_input(pws, g, m), gi).reshape(dw.shape)
         if need_scales:
-            scale_grads[row] = ds.sum(0, keepdim=True) if s.numel() == 1 else ds
-    grad_scales = (torch.stack([scale_grads[r] for r in range(len(branches))]).to(scales.dtype)
-                   if need_scales else None)
+            scale_grads.append(ds.sum(0, keepdim=True) if s.numel() == 1 else ds)
+    grad_scales = torch.stack(scale_grads).to(scales.dtype) if need_scales else None
     return grad_scales, out
 
 

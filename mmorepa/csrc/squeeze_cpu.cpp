@@ -11,7 +11,8 @@
 // kernels._squeeze_backward; tests/test_squeeze_function.py checks this file against autograd
 // through kernels.squeeze_reference in float64.
 //
-// Layouts (all contiguous): the kernel and its gradient (C_out, C_in/g, P), P = k * k taps; kxk
+// Layouts (all contiguous): the kernel and its gradient (C_out, C_in/g, P), P = k * k taps (the
+// gradient may also come as (C_out, P, C_in/g), its channels-last layout); kxk
 // (C_out, C_in/g, P); each fixed-filter 1x1 (C_out, C_in/g); filters (n_fixed, C_out, P); dw
 // (C_in * M, P); pw (C_out, C_in/g * M); scales (n_rows, C_out), rows: kxk (if given), the
 // fixed-filter branches in order, dw-pw (if given).
@@ -58,8 +59,8 @@ struct Operands {
 };
 
 // K[o, i, :] for the input channels [i0, i1) of every output channel. PC: the taps when known at
-// compile time (the loops over taps unroll and vectorise), else 0. With the pair's kernel in
-// out (has_pair), its scaled value is added where it stands.
+// compile time (the loops over taps unroll and vectorise), else 0. With the pair's kernel
+// (has_pair; it may be out itself), its scaled value is added to each tap before it is written.
 template <typename T, int PC>
 inline void forward_range(const Shape& sh, const Operands<T>& in, int64_t i0, int64_t i1, T* out) {
     const int64_t P = PC > 0 ? PC : sh.taps;
@@ -205,14 +206,9 @@ inline void backward_range(const Shape& sh, const Operands<T>& in, int64_t i0, i
             if (sh.taps_outer) {  // grad laid out (C_out, P, C_in/g): this (o, i)'s taps
                 for (int64_t p = 0; p < P; ++p) gathered[p] = in.grad[(o * P + p) * cig + i];
                 g = gathered;
-                if (sh.has_kxk) {
-                    const T* w = in.kxk + oi * P;
-                    T dot = 0;
-                    for (int64_t p = 0; p < P; ++p) dot += g[p] * w[p];
-                    ds[o] += dot;
-                    if (in.d_kxk)
-                        for (int64_t p = 0; p < P; ++p) in.d_kxk[oi * P + p] = sk * g[p];
-                }
+                if (sh.has_kxk)
+                    ds[o] += dot_and_scale(g, in.kxk + oi * P, P, sk,
+                                           in.d_kxk ? in.d_kxk + oi * P : nullptr);
             }
             if (nf) {
                 T h[kMaxFixed] = {};
@@ -447,4 +443,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             "OREPA's squeeze of the kxk, fixed-filter 1x1 and dw-pw branches in one pass (CPU)");
     mod.def("squeeze_backward", &squeeze_backward,
             "the gradients of squeeze_forward, one pass over the kernel's gradient (CPU)");
+    // the sizes it takes (mmorepa/kernels.py leaves larger ones to torch's operators)
+    mod.attr("MAX_TAPS") = kMaxTaps;
+    mod.attr("MAX_EXPANSION") = kMaxExpansion;
 }
