@@ -29,6 +29,18 @@ def path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def extension_calls(monkeypatch):
+    """The calls of the extension's two functions, ``(name, args)`` in order (they still run)."""
+    assert K._squeeze_cpu is not None, 'mmorepa._squeeze_cpu is not built'
+    calls = []
+    for name in ('squeeze_forward', 'squeeze_backward'):
+        fn = getattr(K._squeeze_cpu, name)
+        monkeypatch.setattr(K._squeeze_cpu, name,
+                            lambda *a, _f=fn, _n=name: calls.append((_n, a)) or _f(*a))
+    return calls
+
+
 def _case(branches, k, groups, scaling, identity=True, m=2, seed=0, cin=None, cout=None,
           dt=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -200,15 +212,11 @@ def test_onnx_export_of_an_unfused_layer_is_refused_and_the_fused_one_exports():
 @pytest.mark.parametrize('k, m, groups, threads', [
     (3, 8, 1, 1), (3, 8, 3, 2), (3, 16, 1, 2), (5, 8, 1, 1), (1, 8, 2, 2), (7, 3, 1, 2),
     (9, 8, 1, 2), (11, 8, 3, 1), (3, 8, 24, 2)])
-def test_extension_vector_paths_against_the_reference(k, m, groups, threads, monkeypatch):
+def test_extension_vector_paths_against_the_reference(k, m, groups, threads, extension_calls):
     """The extension's compiled shapes (1x1, 3x3, 5x5 and 7x7 taps; dw-pw expansion 8 and 16 in
     vectors) and its general loops (9x9 and 11x11 taps, expansion 3), grouped and depthwise, one
     and two threads (the threads share the input channels and sum the scales' gradients), against
     autograd through the reference in float64: value and every gradient (the extension ran)."""
-    calls = []
-    for name in ('squeeze_forward', 'squeeze_backward'):
-        fn = getattr(K._squeeze_cpu, name)
-        monkeypatch.setattr(K._squeeze_cpu, name, lambda *a, _f=fn: calls.append(1) or _f(*a))
     cin = cout = 24
     branches = K.SQUEEZE_BRANCHES
     leaves, scales, ident, prior = _case(branches, k, groups, 'vector', m=m, seed=k + m,
@@ -222,7 +230,7 @@ def test_extension_vector_paths_against_the_reference(k, m, groups, threads, mon
         grads = torch.autograd.grad(out, inputs, g)
     finally:
         torch.set_num_threads(before)
-    assert len(calls) == 2
+    assert [name for name, _ in extension_calls] == ['squeeze_forward', 'squeeze_backward']
     ref = K.squeeze_reference(branches, leaves, scales, k, groups, cin, ident, prior)
     assert rel_err(out, ref) <= 1e-13
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
@@ -245,24 +253,20 @@ def test_extension_float32_against_the_float64_reference():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_extension_runs_the_cpu_training_step_and_not_the_flop_count(monkeypatch):
+def test_extension_runs_the_cpu_training_step_and_not_the_flop_count(extension_calls):
     """A CPU training step of an OREPA layer calls the extension forward and backward (so a
     broken build cannot leave every test on the operators); FLOP counting (meta tensors) and
     the other dtypes do not."""
     from torch.utils.flop_counter import FlopCounterMode
-    calls = []
-    ext = K._squeeze_cpu
-    assert ext is not None
-    for name in ('squeeze_forward', 'squeeze_backward'):
-        fn = getattr(ext, name)
-        monkeypatch.setattr(ext, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+    calls = extension_calls  # (name, args) of each call
     layer = randomize_(OREPAConv2d(8, 16, 3, padding=1, route='kernel')).train()
     layer(torch.randn(2, 8, 6, 6)).sum().backward()
-    assert calls == ['squeeze_forward', 'squeeze_backward']
+    assert [name for name, _ in calls] == ['squeeze_forward', 'squeeze_backward']
     calls.clear()
     with FlopCounterMode(display=False) as counter:
         layer(torch.randn(2, 8, 6, 6)).sum().backward()
-    assert counter.get_total_flops() > 0 and calls == ['squeeze_forward', 'squeeze_backward']
+    assert counter.get_total_flops() > 0
+    assert [name for name, _ in calls] == ['squeeze_forward', 'squeeze_backward']
     calls.clear()
     layer.to(torch.bfloat16)(torch.randn(2, 8, 6, 6, dtype=torch.bfloat16)).sum().backward()
     assert calls == []
@@ -281,7 +285,7 @@ def test_a_missing_extension_is_said_and_the_operators_give_the_same_kernel(monk
 
 
 @pytest.mark.parametrize('k, m, groups', [(3, 8, 1), (5, 3, 2)])
-def test_channels_last_gradient_is_read_in_place(k, m, groups, monkeypatch):
+def test_channels_last_gradient_is_read_in_place(k, m, groups, extension_calls):
     """A channels-last gradient of the squeezed kernel (a channels-last model's conv, or
     torch.compile's layout on the CPU) goes to the extension as it is when there is no 1x1-kxk
     pair: the same gradients as autograd through the reference (float64)."""
@@ -291,32 +295,25 @@ def test_channels_last_gradient_is_read_in_place(k, m, groups, monkeypatch):
     g = torch.randn(24, 16 // groups, k, k, dtype=torch.float64)
     g_cl = g.contiguous(memory_format=torch.channels_last)
     assert not g_cl.is_contiguous()
-    layouts = []
-    backward = K._squeeze_cpu.squeeze_backward
-    monkeypatch.setattr(K._squeeze_cpu, 'squeeze_backward',
-                        lambda *a: layouts.append(a[-1]) or backward(*a))
     out = K.squeeze(branches, leaves, scales, k, groups, 16, None, prior)
     grads = torch.autograd.grad(out, inputs, g_cl)
-    assert layouts == [True]  # read as (C_out, k * k, C_in / g), not copied
+    # read as (C_out, k * k, C_in / g), not copied: the backward's last argument, taps_outer
+    assert [a[-1] for name, a in extension_calls if name == 'squeeze_backward'] == [True]
     ref = K.squeeze_reference(branches, leaves, scales, k, groups, 16, None, prior)
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
         assert rel_err(a, b) <= 1e-12
 
 
 @pytest.mark.parametrize('k, m', [(13, 2), (3, 65)])
-def test_sizes_beyond_the_extension_take_the_operators(k, m, monkeypatch):
+def test_sizes_beyond_the_extension_take_the_operators(k, m, extension_calls):
     """Kernels above 11 x 11 and dw-pw expansions above 64 (beyond the extension's registers)
     take torch's operators, with the reference's value and gradients."""
-    calls = []
-    for name in ('squeeze_forward', 'squeeze_backward'):
-        fn = getattr(K._squeeze_cpu, name)
-        monkeypatch.setattr(K._squeeze_cpu, name, lambda *a, _f=fn: calls.append(1) or _f(*a))
     leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, k, 1, 'vector', m=m)
     inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
     out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, k, 1, CIN, ident, prior)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, g)
-    assert calls == []
+    assert extension_calls == []
     ref = K.squeeze_reference(K.SQUEEZE_BRANCHES, leaves, scales, k, 1, CIN, ident, prior)
     assert rel_err(out, ref) <= 1e-13
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
