@@ -13,7 +13,7 @@ import torch.nn as nn
 from mmengine.config import Config, ConfigDict
 from mmengine.registry import MODELS, init_default_scope
 
-from .reparameterize import reparameterize, unfused_eval
+from .fusion import reparameterize, unfused_eval
 from .runtime import ToolError, check_input_file, check_input_shape, check_output_file, read_config
 
 # conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).

@@ -11,6 +11,7 @@ from mmengine.registry import DefaultScope, init_default_scope
 
 import mmorepa
 from mmorepa.deploy import build_model, convert, deploy_config
+from mmorepa.ops import branches as B
 
 from helpers import LogRecords, randomize_network_, rel_err
 
@@ -29,7 +30,10 @@ def _features(model, x):
     return torch.cat([o.flatten() for o in (out if isinstance(out, (tuple, list)) else [out])])
 
 
-@pytest.mark.parametrize('other', [dict(orepa_cfg=dict(branches=('kxk', '1x1', '1x1_kxk'))),
+OTHER_BRANCHES = B.names((B.KXK, B.ONE_BY_ONE, B.ONE_BY_ONE_KXK))
+
+
+@pytest.mark.parametrize('other', [dict(orepa_cfg=dict(branches=OTHER_BRANCHES)),
                                    dict(reparam='dbb')], ids=['other-branches', 'dbb'])
 def test_checkpoint_of_another_reparameterization_is_named(other, tmp_path):
     """Item 5: it used to load with mmengine's generic key list only (output 0.99 off)."""

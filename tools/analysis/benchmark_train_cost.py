@@ -179,10 +179,10 @@ def worker(spec: dict) -> dict:
     else:
         model = build_model(spec['arch'], spec['reparam'], spec.get('orepa_cfg')).to(device)
     if spec.get('squeeze', 'function') == 'autograd':  # the squeeze before the autograd node
-        from mmorepa import kernels
+        from mmorepa.ops.squeeze import squeezed_kernel_reference
         for m in model.modules():
             if hasattr(m, 'squeeze_fn'):
-                m.squeeze_fn = kernels.squeeze_reference
+                m.squeeze_fn = squeezed_kernel_reference
     b, s = spec['batch_size'], spec['input_size']
     x = torch.randn(b, 3, s, s, device=device)
     y = torch.randint(0, classes, (b, ), device=device)
