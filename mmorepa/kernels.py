@@ -7,7 +7,6 @@ paper's equations are named in each docstring (``Eq.`` = main paper, ``supp`` = 
 """
 import functools
 import math
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -15,11 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-try:  # built by setup.py from mmorepa/csrc/squeeze_cpu.cpp (pip install -e .)
-    from mmorepa import _squeeze_cpu
-    _NOT_BUILT = None
-except ImportError as err:  # a source tree used without its build step
-    _squeeze_cpu, _NOT_BUILT = None, err
+from mmorepa.compat import torch_older_than
+from mmorepa.ops import extension as _extension
+
+_squeeze_cpu = _extension.squeeze_cpu  # None where not built or built for another torch
+# torch < 2.5 runs a custom operator's autograd even inside a backward under torch.func transforms,
+# which refuse it: there the squeeze takes autograd through squeeze_reference (the same value).
+_FUNC_TAKES_REFERENCE = torch_older_than('2.5')
 
 __all__ = [
     'fuse_bn', 'pad_to', 'compose', 'compose_1x1', 'compose_1x1_depthwise', 'avg_kernel',
@@ -417,11 +418,7 @@ def _one_pass_operands(branches, leaves, scales, k, groups, in_channels, freq_pr
                                               > _squeeze_cpu.MAX_EXPANSION * in_channels)):
         return None
     if _squeeze_cpu is None:
-        if _NOT_BUILT is not None:  # said once (the warning filters' default)
-            warnings.warn(f'mmorepa._squeeze_cpu is not built ({_NOT_BUILT}): OREPA squeezes '
-                          "run on torch's operators, several times slower on the CPU; "
-                          'pip install -e . (tools/setup_env.sh) builds it', RuntimeWarning,
-                          stacklevel=2)
+        _extension.warn_unavailable()
         return None
     # rows in the extension's order: kxk, the fixed-filter branches, dw-pw
     kxk = [r for r in rows if branches[r] == 'kxk']
@@ -709,6 +706,10 @@ register_flop_formula(torch.ops.mmorepa.squeeze, get_raw=True)(
     functools.partial(_counted_flops, _squeeze_impl))
 register_flop_formula(torch.ops.mmorepa.squeeze_backward, get_raw=True)(
     functools.partial(_counted_flops, _squeeze_backward_impl))
+if torch_older_than('2.5'):  # there it files them by overload; FlopCounterMode looks by packet
+    for _op in (torch.ops.mmorepa.squeeze, torch.ops.mmorepa.squeeze_backward):
+        torch.utils.flop_counter.flop_registry[_op] = torch.utils.flop_counter.flop_registry[
+            _op.default]
 
 
 def squeeze(branches: Sequence[str], leaves: dict, scales: Optional[Tensor], kernel_size: int,
@@ -728,6 +729,10 @@ def squeeze(branches: Sequence[str], leaves: dict, scales: Optional[Tensor], ker
         # in-place updates of views wrongly and cannot export a conv of a computed kernel: say so
         raise RuntimeError('an un-fused OREPA layer cannot be traced for export: fuse the model '
                            'first (mmorepa.reparameterize(model), as tools/export_onnx.py does)')
+    if (_FUNC_TAKES_REFERENCE and not torch.compiler.is_compiling()
+            and torch._C._are_functorch_transforms_active()):
+        return squeeze_reference(branches, leaves, scales, kernel_size, groups, in_channels,
+                                 identity, freq_prior)
     spec = (','.join(branches), kernel_size, groups, in_channels, _out_channels(leaves))
     return _Squeeze.apply(spec, scales, identity, freq_prior,
                           *(leaves[n] for n in _leaf_names(branches)))

@@ -12,6 +12,7 @@ import torch
 
 from mmorepa import kernels as K
 from mmorepa.layers import OREPAConv1x1, OREPAConv2d
+from mmorepa.ops import extension
 
 from helpers import randomize_, rel_err
 
@@ -25,7 +26,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(K, '_squeeze_cpu', None)
     else:
         assert K._squeeze_cpu is not None, \
-            'mmorepa._squeeze_cpu is not built: pip install -e . (tools/setup_env.sh) builds it'
+            f'mmorepa._squeeze_cpu not loaded ({extension.unavailable_reason()})'
     return request.param
 
 
@@ -278,8 +279,9 @@ def test_a_missing_extension_is_said_and_the_operators_give_the_same_kernel(monk
     leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, 3, 1, 'vector', m=8)
     built = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
     monkeypatch.setattr(K, '_squeeze_cpu', None)
-    monkeypatch.setattr(K, '_NOT_BUILT', ImportError('No module named mmorepa._squeeze_cpu'))
-    with pytest.warns(RuntimeWarning, match=r'_squeeze_cpu is not built .*pip install -e \.'):
+    monkeypatch.setattr(extension, '_reason', 'not built')
+    monkeypatch.setattr(extension, '_warned', False)
+    with pytest.warns(RuntimeWarning, match=r'_squeeze_cpu not loaded \(not built\).*pip install'):
         out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
     assert rel_err(out, built) <= 1e-13
 

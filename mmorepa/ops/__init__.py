@@ -1,0 +1,1 @@
+"""OREPA's kernel operators; :mod:`mmorepa.ops.extension` loads their optional C++ extension."""
