@@ -6,6 +6,7 @@ backbones in mmengine's root ``MODELS`` (found by mmpretrain, mmdet and mmseg): 
 the config's default scope when built (no toolbox is imported here); and it lets mmengine
 checkpoints load under torch's ``weights_only=True`` default.
 """
+from . import compat  # noqa: F401  (first: refuses a torch older than compat.TORCH_MINIMUM)
 from . import kernels
 from .checkpoint import allow_mmengine_checkpoints
 from .layers import (DBB, OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv,

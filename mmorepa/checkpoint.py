@@ -10,6 +10,8 @@ import pickle
 import numpy as np
 import torch
 
+from mmorepa.compat import torch_older_than
+
 
 def _numpy_globals():
     out = [np.ndarray, np.dtype]
@@ -39,10 +41,22 @@ def _history_buffer_getattr(obj, name):
                                  'HistoryBuffer statistics methods are allowed')
 
 
+def _builtins_getattr(obj, name):
+    """:func:`_history_buffer_getattr` under the name ``builtins.getattr``, for torch < 2.6, whose
+    ``add_safe_globals`` takes no ``(function, name)`` pairs and names a function by its
+    ``__module__`` and ``__name__``."""
+    return _history_buffer_getattr(obj, name)
+
+
+_builtins_getattr.__module__, _builtins_getattr.__name__ = 'builtins', 'getattr'
+
+
 def mmengine_safe_globals():
     """The types an mmengine Runner checkpoint holds besides tensors and builtins."""
     from mmengine.logging import HistoryBuffer
-    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
+    getattr_ = (_builtins_getattr if torch_older_than('2.6')
+                else (_history_buffer_getattr, 'builtins.getattr'))
+    return [HistoryBuffer, getattr_] + _numpy_globals()
 
 
 def allow_mmengine_checkpoints():
