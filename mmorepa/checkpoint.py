@@ -5,6 +5,7 @@ refuses the few non-tensor objects an mmengine ``Runner`` checkpoint holds (``Hi
 ``message_hub``, numpy arrays and scalars in ``meta``). Rather than turn ``weights_only`` off (which
 would run arbitrary pickled code from a downloaded file), we allow exactly those types.
 """
+import codecs
 import pickle
 
 import numpy as np
@@ -14,7 +15,8 @@ from mmorepa.compat import torch_older_than
 
 
 def _numpy_globals():
-    out = [np.ndarray, np.dtype]
+    # _codecs.encode: how numpy pickles an array's bytes (newer torch allows it by default)
+    out = [np.ndarray, np.dtype, codecs.encode]
     try:  # numpy >= 2
         from numpy._core.multiarray import _reconstruct, scalar
         out += [_reconstruct, scalar]

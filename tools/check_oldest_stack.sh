@@ -54,7 +54,7 @@ fi
 PIP=("$PY" -m pip install --disable-pip-version-check --no-input -q)
 "${PIP[@]}" --upgrade pip
 # shellcheck disable=SC2086  # PINS is a list of requirement specifiers
-"${PIP[@]}" $PINS 'setuptools>=77' wheel ninja
+"${PIP[@]}" $PINS -r "$ROOT/requirements/build.txt"  # setuptools with pkg_resources: mmengine's configs
 
 # a copy of the tree (tracked and new files), so the build leaves nothing in the repository
 work="$(mktemp -d)"
