@@ -7,6 +7,7 @@ the config's default scope when built (no toolbox is imported here); registers
 ``CPUAutocastOptimWrapper`` (mixed precision on the CPU); and lets mmengine checkpoints load
 under torch's ``weights_only=True`` default.
 """
+from . import compat  # noqa: F401  (first: refuses a torch older than compat.TORCH_MINIMUM)
 from . import ops
 from .checkpoint import allow_mmengine_checkpoints
 from .layers import (DBB, OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv,

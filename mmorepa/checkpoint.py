@@ -7,6 +7,7 @@ torch 2.6 that means ``weights_only=True``, which refuses the few non-tensor obj
 ``meta``). Rather than turn ``weights_only`` off (which would run arbitrary pickled code from a
 downloaded file), :func:`allow_mmengine_checkpoints` allows exactly those types.
 """
+import codecs
 import pickle
 import warnings
 import zipfile
@@ -24,9 +25,12 @@ from .layers import ReparamConv2d
 # its value is the checkpoint it was fused from.
 FUSED_FROM = 'mmorepa_fused_from'
 
+from mmorepa.compat import torch_older_than
+
 
 def _numpy_globals():
-    out = [np.ndarray, np.dtype]
+    # _codecs.encode: how numpy pickles an array's bytes (newer torch allows it by default)
+    out = [np.ndarray, np.dtype, codecs.encode]
     try:  # numpy >= 2
         from numpy._core.multiarray import _reconstruct, scalar
         out += [_reconstruct, scalar]
@@ -53,10 +57,22 @@ def _history_buffer_getattr(obj, name):
                                  'HistoryBuffer statistics methods are allowed')
 
 
+def _builtins_getattr(obj, name):
+    """:func:`_history_buffer_getattr` under the name ``builtins.getattr``, for torch < 2.6, whose
+    ``add_safe_globals`` takes no ``(function, name)`` pairs and names a function by its
+    ``__module__`` and ``__name__``."""
+    return _history_buffer_getattr(obj, name)
+
+
+_builtins_getattr.__module__, _builtins_getattr.__name__ = 'builtins', 'getattr'
+
+
 def mmengine_safe_globals():
     """The types an mmengine Runner checkpoint holds besides tensors and builtins."""
     from mmengine.logging import HistoryBuffer
-    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
+    getattr_ = (_builtins_getattr if torch_older_than('2.6')
+                else (_history_buffer_getattr, 'builtins.getattr'))
+    return [HistoryBuffer, getattr_] + _numpy_globals()
 
 
 def allow_mmengine_checkpoints():

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv/ at the repository root with the pinned OpenMMLab stack and mmorepa (editable).
+# Creates .venv/ at the repository root with the pinned OpenMMLab stack and mmorepa (editable, with
+# its C++ extension mmorepa._squeeze_cpu compiled in place: MMOREPA_BUILD_EXT=1).
 #
 # Idempotent: on a ready machine it checks a stamp and returns in seconds. mmcv 2.1.0 has no wheel for
 # torch 2.14, so it is built from its sdist (C++20 patch, see ../shared/ENVIRONMENT.md) once per machine and
@@ -16,13 +17,17 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # What the stamp covers: every file that decides what gets installed.
 stamp_of() {
-    cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/tools/setup_env.sh" "$ROOT"/mmorepa/csrc/* | sha256sum | cut -d' ' -f1
+    cat "$ROOT"/requirements/*.txt "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/tools/setup_env.sh" \
+        "$ROOT"/mmorepa/csrc/* | sha256sum | cut -d' ' -f1
 }
 STAMP="$VENV/.mmorepa-stamp"
 WANT="$(stamp_of)"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] &&
-    "$PY" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmorepa, mmorepa._squeeze_cpu' 2>/dev/null; then
+# Everything imports, and the extension loads (built, and for this torch).
+READY='import mmcv.ops, mmdet, mmseg, mmpretrain, mmorepa
+from mmorepa.ops.extension import squeeze_cpu, unavailable_reason
+assert squeeze_cpu is not None, "mmorepa._squeeze_cpu not loaded: %s" % unavailable_reason()'
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && "$PY" -c "$READY" 2>/dev/null; then
     log "environment ready ($VENV)"
     exit 0
 fi
@@ -72,9 +77,9 @@ log "installing mmengine, mmpretrain, mmdet, mmsegmentation and test requirement
     -r "$ROOT/requirements/tests.txt"
 # mmcv's own dependencies (installed above with --no-deps)
 "${PIP[@]}" -q addict packaging Pillow pyyaml yapf opencv-python
-log "installing mmorepa (editable)"
-"${PIP[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
+log "installing mmorepa (editable) with its C++ extension"
+MMOREPA_BUILD_EXT=1 "${PIP[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
 
-"$PY" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmorepa, mmorepa._squeeze_cpu'
+"$PY" -c "$READY"
 echo "$WANT" >"$STAMP"
 log "environment ready in $(($(date +%s) - start)) s"

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from ..compat import torch_older_than
 from . import extension
 from .branches import Branch, SqueezeGrads, Terms, lookup
 
@@ -302,6 +303,13 @@ register_flop_formula(torch.ops.mmorepa.squeeze, get_raw=True)(
     functools.partial(_counted_flops, _squeeze_impl))
 register_flop_formula(torch.ops.mmorepa.squeeze_backward, get_raw=True)(
     functools.partial(_counted_flops, _squeeze_backward_impl))
+if torch_older_than('2.5'):  # there it files them by overload; FlopCounterMode looks by packet
+    for _op in (torch.ops.mmorepa.squeeze, torch.ops.mmorepa.squeeze_backward):
+        torch.utils.flop_counter.flop_registry[_op] = torch.utils.flop_counter.flop_registry[
+            _op.default]
+# torch < 2.5 runs a custom operator's autograd even inside a backward under torch.func transforms,
+# which refuse it: there the squeeze takes autograd through the reference (the same value).
+_FUNC_TAKES_REFERENCE = torch_older_than('2.5')
 
 
 def squeezed_kernel(branches: Sequence[str], leaves: dict, scales: Optional[Tensor],
@@ -320,6 +328,10 @@ def squeezed_kernel(branches: Sequence[str], leaves: dict, scales: Optional[Tens
         # in-place updates of views wrongly and cannot export a conv of a computed kernel: say so
         raise RuntimeError('an un-fused OREPA layer cannot be traced for export: fuse the model '
                            'first (mmorepa.reparameterize(model), as tools/export_onnx.py does)')
+    if (_FUNC_TAKES_REFERENCE and not torch.compiler.is_compiling()
+            and torch._C._are_functorch_transforms_active()):
+        return squeezed_kernel_reference(branches, leaves, scales, kernel_size, groups,
+                                         in_channels, identity, freq_prior)
     spec = (','.join(branches), kernel_size, groups, in_channels,
             _out_channels(records, leaves))
     return _Squeeze.apply(spec, scales, identity, freq_prior,

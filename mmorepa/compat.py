@@ -1,0 +1,25 @@
+"""The oldest torch mmorepa runs on; ``import mmorepa`` refuses an older one in one line."""
+import re
+
+import torch
+
+TORCH_MINIMUM = '2.4'  # torch.library.custom_op / register_fake, serialization.add_safe_globals
+
+
+def _release(version: str) -> tuple:
+    return tuple(int(n) for n in re.findall(r'\d+', version.split('+')[0])[:2])
+
+
+def torch_older_than(version: str, running: str = torch.__version__) -> bool:
+    """Whether the running torch's release (major, minor) is below ``version``'s."""
+    return _release(running) < _release(version)
+
+
+def check_torch(version: str = torch.__version__) -> None:
+    """Raise ImportError (one line naming the minimum) for a torch older than TORCH_MINIMUM."""
+    if torch_older_than(TORCH_MINIMUM, version):
+        raise ImportError(f'mmorepa needs torch >= {TORCH_MINIMUM}, found torch {version}: '
+                          f'pip install "torch>={TORCH_MINIMUM}"')
+
+
+check_torch()
