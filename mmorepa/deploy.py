@@ -13,6 +13,7 @@ import torch.nn as nn
 from mmengine.config import Config, ConfigDict
 from mmengine.registry import MODELS, init_default_scope
 
+from .models import stock_model_cfg
 from .reparameterize import reparameterize, unfused_eval
 from .runtime import ToolError, check_input_file, check_input_shape, check_output_file, read_config
 
@@ -161,7 +162,8 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.get('custom_imports'):
         from mmengine.utils import import_modules_from_strings
         import_modules_from_strings(**cfg.custom_imports)
-    init_default_scope(cfg.get('default_scope', None))
+    if cfg.get('default_scope'):  # none: each type names its toolbox ('mmdet.RetinaNet')
+        init_default_scope(cfg.default_scope)
     model = cfg.model
     if isinstance(model, (dict, ConfigDict)):
         model = MODELS.build(model)
@@ -169,19 +171,20 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def _deploy_model_cfg(node):
-    """Replace, recursively, mmorepa backbones by their stock form (their ``stock_cfg``) and drop
-    mmorepa conv types."""
+    """mmorepa backbones replaced by their stock form (:func:`mmorepa.models.stock_model_cfg`)
+    and mmorepa conv types dropped."""
+    return _drop_conv_types(stock_model_cfg(node))
+
+
+def _drop_conv_types(node):
     if isinstance(node, (list, tuple)):
-        return type(node)(_deploy_model_cfg(v) for v in node)
+        return type(node)(_drop_conv_types(v) for v in node)
     if not isinstance(node, dict):
         return node
-    node = {k: _deploy_model_cfg(v) for k, v in node.items()}
+    node = {k: _drop_conv_types(v) for k, v in node.items()}
     conv_cfg = node.get('conv_cfg')
     if isinstance(conv_cfg, dict) and conv_cfg.get('type') in CONV_TYPES:
         node['conv_cfg'] = None
-    cls = MODELS.get(node['type']) if isinstance(node.get('type'), str) else None
-    if cls is not None and hasattr(cls, 'stock_cfg'):
-        node = cls.stock_cfg(node)
     return node
 
 
@@ -194,7 +197,8 @@ def deploy_config(cfg: Config) -> Config:
     where a backbone has no stock counterpart (``stage_blocks`` other than its depth's): that one
     stays the mmorepa backbone with ``deploy=True`` (the stock blocks, plain convs)."""
     cfg = copy.deepcopy(cfg)
-    init_default_scope(cfg.get('default_scope', None))
+    if cfg.get('default_scope'):  # none: each type names its toolbox ('mmdet.RetinaNet')
+        init_default_scope(cfg.default_scope)
     needs_mmorepa = False
     for key in list(cfg.keys()):
         value = cfg[key].to_dict() if hasattr(cfg[key], 'to_dict') else cfg[key]
