@@ -652,8 +652,20 @@ def _squeeze_backward_impl(grad: Tensor, leaves: List[Tensor], scales: Optional[
         grad, branches, dict(zip(names, leaves)), dict(zip(names, needs)), need_scales, scales,
         kernel_size, groups, in_channels, identity, freq_prior)
     grads = [grad_scales] + [out.get(n) for n in names]
-    return [grad.new_empty(0) if g is None else g.clone() if g is grad else g.contiguous()
-            for g in grads]
+    # no return may share memory with an input or another return (one output channel without
+    # scaling makes the fixed-filter branches' gradients contiguous views of one product)
+    taken = {t.untyped_storage().data_ptr() for t in [grad, *leaves] if t is not None}
+    result = []
+    for g in grads:
+        if g is None:
+            result.append(grad.new_empty(0))
+            continue
+        g = g.contiguous()
+        if g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        taken.add(g.untyped_storage().data_ptr())
+        result.append(g)
+    return result
 
 
 _squeeze_backward_op = torch.library.custom_op('mmorepa::squeeze_backward',
