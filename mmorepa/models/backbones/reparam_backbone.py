@@ -134,7 +134,8 @@ class ReparamBackboneMixin:
     Args (besides the stock class's own):
         reparam_conv_cfg: the ``conv_cfg`` of the layers swapped in for the plain convs (a dict,
             or a function of the conv, see :func:`swap_convs_`); ``None`` keeps the stock network.
-            The k x k convs that stay plain are named in one log line.
+            The k x k convs that stay plain are named in one log line and in
+            ``convs_kept_plain`` (``'name (why)'``).
         stage_blocks: blocks per stage instead of those of ``depth`` (ResNets; small models and
             the official checkpoints' shapes). Such a network has no stock config. A stock class
             that takes ``stage_blocks`` itself (mmdet's ``HourglassNet``) gets it.
@@ -160,10 +161,12 @@ class ReparamBackboneMixin:
             kwargs['deploy'] = deploy
         super().__init__(*args, **kwargs)
         self.deploy = deploy
+        self.convs_kept_plain = ()
         if reparam_conv_cfg is not None and not deploy:
             check_conv_cfg(reparam_conv_cfg)
             kept = []
             swap_convs_(self, reparam_conv_cfg, kept=kept)
+            self.convs_kept_plain = tuple(kept)
             if kept:
                 print_log(f'{type(self).__name__}: k x k convs kept plain (not '
                           f're-parameterizable): {", ".join(kept)}', logger='current',
