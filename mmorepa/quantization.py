@@ -29,9 +29,9 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from .deploy import atomic_write
+from .errors import MMOrepaError
+from .fileio import atomic_write
 from .layers.base import ReparamConv2d, per_channel_fake_quant
-from .runtime import ToolError
 
 CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
 
@@ -47,8 +47,8 @@ def quantize_int8(fp32_path, output, inputs: Sequence[np.ndarray], method: str =
                                           QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
     if method not in CALIBRATION_METHODS:
-        raise ToolError(f'unknown calibration method {method!r}; expected one of '
-                        f'{list(CALIBRATION_METHODS)}')
+        raise MMOrepaError(f'unknown calibration method {method!r}; expected one of '
+                           f'{list(CALIBRATION_METHODS)}')
     name = _input_name(fp32_path)
 
     class Reader(CalibrationDataReader):
@@ -157,8 +157,8 @@ def variant(qdq, fp32, keep: Callable[[dict], bool]):
             source = dq.input[0][:-len('_quantized')] if dq.input[0].endswith('_quantized') \
                 else None
             if source not in floats:
-                raise ToolError(f'cannot find the float value of {dq.input[0]} in the model that '
-                                'was quantized')
+                raise MMOrepaError(f'cannot find the float value of {dq.input[0]} in the model '
+                                   'that was quantized')
             float_name = source + '_float'
             if float_name not in added:
                 graph.initializer.append(floats[source])
@@ -344,7 +344,7 @@ def crest_penalty(kernels: Sequence[torch.Tensor]) -> torch.Tensor:
     Gradients reach every branch and scaling vector through the squeeze."""
     kernels = list(kernels)
     if not kernels:
-        raise ToolError('the crest-factor penalty found no re-parameterized conv in the model')
+        raise MMOrepaError('the crest-factor penalty found no re-parameterized conv in the model')
     return torch.stack([(crest_factor(k) ** 2 / k[0].numel()).mean() for k in kernels]).mean()
 
 
@@ -361,7 +361,7 @@ class CrestPenaltyOptimWrapper(OptimWrapper):
     def __init__(self, crest_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         if not crest_weight >= 0:
-            raise ToolError(f'crest_weight must be >= 0, got {crest_weight!r}')
+            raise MMOrepaError(f'crest_weight must be >= 0, got {crest_weight!r}')
         self.crest_weight = float(crest_weight)
         self._layers, self._kernels = [], {}
 

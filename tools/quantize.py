@@ -25,18 +25,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-import mmorepa  # noqa: E402
-from export_onnx import _Exported, export  # noqa: E402
 from mmorepa import quantization as Q  # noqa: E402
-from mmorepa.deploy import atomic_write, load_checkpoint_strict  # noqa: E402
-from mmorepa.runtime import (ToolError, build_runner, check_input_file,  # noqa: E402
-                             check_input_shape, check_output_file, load_config, run_tool)
+from mmorepa.cli import ToolError, build_runner, load_config, run_tool, runner_model  # noqa: E402
+from mmorepa.deploy import check_input_shape  # noqa: E402
+from mmorepa.export import export, is_classifier  # noqa: E402
+from mmorepa.fileio import atomic_write, check_input_file, check_output_file  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -108,13 +106,9 @@ def main(argv=None):
     except ImportError:
         raise ToolError('quantization needs onnxruntime: pip install onnxruntime') from None
     cfg = load_config(args.config, 'none', args.cfg_options, args.work_dir)
-    cfg.load_from, cfg.resume = None, False
-    runner = build_runner(cfg)
-    model = runner.model.module if hasattr(runner.model, 'module') else runner.model
-    load_checkpoint_strict(model, checkpoint)
-    mmorepa.reparameterize(model, inplace=True)
+    runner = build_runner(cfg, checkpoint, fuse=True)
+    model = runner_model(runner)
     model.eval()
-    runner._has_loaded = True  # loaded and fused: the runner must not reload
 
     calib = preprocessed_batches(model, runner.build_dataloader(cfg.train_dataloader, seed=0),
                                  args.calib_batches)
@@ -138,7 +132,7 @@ def main(argv=None):
 
     metrics = {'fp32': runner.test()}
     session = ort.InferenceSession(str(output), providers=['CPUExecutionProvider'])
-    with Q.onnx_features(model, session, _Exported(model).classifier):
+    with Q.onnx_features(model, session, is_classifier(model)):
         metrics['int8'] = runner.test()
 
     tests = preprocessed_batches(model, runner.build_dataloader(cfg.test_dataloader))
