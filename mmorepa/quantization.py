@@ -31,7 +31,8 @@ from mmengine.registry import OPTIM_WRAPPERS
 
 from .errors import MMOrepaError
 from .fileio import atomic_write
-from .layers.base import ReparamConv2d, per_channel_fake_quant
+from .layers.base import ReparamConv2d
+from .layers.fake_quant import per_channel_fake_quant
 
 CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
 
@@ -328,7 +329,7 @@ def onnx_features(model: nn.Module, session, classifier: bool):
 def squeezed_kernels(model: nn.Module) -> List[torch.Tensor]:
     """The squeezed kernel of every re-parameterized conv of ``model``, nested ones (a large-kernel
     stem's generators) included: the kernels :class:`CrestPenaltyOptimWrapper` records."""
-    return [m.squeeze()[0] for m in _reparam_layers(model)]
+    return [m.squeezed_kernel_and_bias()[0] for m in _reparam_layers(model)]
 
 
 def _reparam_layers(model: nn.Module) -> List[ReparamConv2d]:
@@ -382,17 +383,17 @@ class CrestPenaltyOptimWrapper(OptimWrapper):
             return squeeze_and_record
 
         for m in self._layers:
-            m.squeeze = recording(m, m.squeeze)
+            m.squeezed_kernel_and_bias = recording(m, m.squeezed_kernel_and_bias)
         try:
             with super().optim_context(model):
                 yield
         finally:
             for m in self._layers:
-                del m.__dict__['squeeze']
+                del m.__dict__['squeezed_kernel_and_bias']
 
     def update_params(self, loss: torch.Tensor, **kwargs) -> None:
         if self.crest_weight and self._layers:
-            penalty = crest_penalty([self._kernels[m] if m in self._kernels else m.squeeze()[0]
+            penalty = crest_penalty([self._kernels[m] if m in self._kernels else m.squeezed_kernel_and_bias()[0]
                                      for m in self._layers])
             MessageHub.get_current_instance().update_scalar('train/crest_penalty',
                                                             penalty.item())

@@ -144,14 +144,14 @@ def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
         loss = model(x).square().mean()
     # each re-parameterized conv's squeeze ran once (the stem's generators are such convs too)
     assert len(wrapper._layers) == len(Q.squeezed_kernels(model)) == 5
-    assert 'squeeze' not in vars(model.conv)
+    assert 'squeezed_kernel_and_bias' not in vars(model.conv)
     wrapper.update_params(loss)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     ref_opt.zero_grad()
     (ref(x).square().mean() + 0.5 * Q.crest_penalty(Q.squeezed_kernels(ref))).backward()
     ref_opt.step()
     assert rel_err(model.conv.weight_kxk.detach(), ref.conv.weight_kxk.detach()) < 1e-6
-    before = Q.crest_factor(ref.conv.squeeze()[0]).mean()
+    before = Q.crest_factor(ref.conv.squeezed_kernel_and_bias()[0]).mean()
     # trained with the recipe, the fused model (plain convs) still equals the un-fused one
     model.eval().double()
     x = x.double()
@@ -194,17 +194,17 @@ def test_fake_quant_trains_on_the_int8_grid_with_straight_through_gradients():
     ref = copy.deepcopy(net)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     layers = (ref.stem, ref.conv, ref.down)
-    rounded = [_int8_rounded(m.squeeze()[0]).requires_grad_() for m in layers]
+    rounded = [_int8_rounded(m.squeezed_kernel_and_bias()[0]).requires_grad_() for m in layers]
     expected = _tiny_on_feature_maps(ref, x, rounded)
     out = net(x)
     assert rel_err(out, expected) < 1e-12
     # not the float kernels' output: the rounding acted
-    assert rel_err(_tiny_on_feature_maps(ref, x, [m.squeeze()[0] for m in layers]), out) > 1e-5
+    assert rel_err(_tiny_on_feature_maps(ref, x, [m.squeezed_kernel_and_bias()[0] for m in layers]), out) > 1e-5
     out.square().mean().backward()
     expected.square().mean().backward()
     for ref_layer, layer, kernel in zip(layers, (net.stem, net.conv, net.down), rounded):
         names, params = zip(*ref_layer.named_parameters())
-        grads = torch.autograd.grad(ref_layer.squeeze()[0], params, kernel.grad)
+        grads = torch.autograd.grad(ref_layer.squeezed_kernel_and_bias()[0], params, kernel.grad)
         for name, p, g in zip(names, dict(layer.named_parameters()).values(), grads):
             assert g.abs().sum() > 0 and rel_err(p.grad, g) < 1e-10, name
     # the option reaches the layers through the backbone's orepa_cfg (every OREPA layer), and a
@@ -232,7 +232,7 @@ def test_fake_quant_fuses_exactly_onto_the_int8_grid():
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     fused = mmorepa.reparameterize(net)
     with torch.no_grad():
-        expected = _tiny_on_feature_maps(net, x, [_int8_rounded(m.squeeze()[0])
+        expected = _tiny_on_feature_maps(net, x, [_int8_rounded(m.squeezed_kernel_and_bias()[0])
                                                   for m in (net.stem, net.conv, net.down)])
         assert rel_err(fused(x), expected) < 1e-12
         assert rel_err(net(x), expected) < 1e-12

@@ -5,7 +5,8 @@ through the reference in float64."""
 import pytest
 import torch
 
-from mmorepa import kernels as K
+from mmorepa.ops.algebra import frequency_prior
+from mmorepa.ops.squeeze import squeezed_kernel, squeezed_kernel_reference
 
 from helpers import rel_err
 
@@ -16,11 +17,11 @@ def test_one_output_channel_without_scaling(dtype, k):
     g = torch.Generator().manual_seed(0)
     branches = ('kxk', '1x1', '1x1_avg', '1x1_freq')
     c_in = 4
-    leaves = {'kxk': torch.randn(1, c_in, k, k, generator=g), '1x1': torch.randn(1, c_in, 1, 1,
-                                                                                  generator=g),
-              '1x1_avg': torch.randn(1, c_in, 1, 1, generator=g),
-              '1x1_freq': torch.randn(1, c_in, 1, 1, generator=g)}
-    prior = K.frequency_prior(1, k)
+    leaves = {'weight_kxk': torch.randn(1, c_in, k, k, generator=g),
+              'weight_1x1': torch.randn(1, c_in, 1, 1, generator=g),
+              'weight_1x1_avg': torch.randn(1, c_in, 1, 1, generator=g),
+              'weight_1x1_freq': torch.randn(1, c_in, 1, 1, generator=g)}
+    prior = frequency_prior(1, k)
     upstream = torch.randn(1, c_in, k, k, generator=g)
 
     def grads(fn, dt):
@@ -29,8 +30,8 @@ def test_one_output_channel_without_scaling(dtype, k):
         (out * upstream.to(dt)).sum().backward()
         return {n: t.grad for n, t in ls.items()}
 
-    ours = grads(K.squeeze, dtype)
-    reference = grads(K.squeeze_reference, torch.float64)
+    ours = grads(squeezed_kernel, dtype)
+    reference = grads(squeezed_kernel_reference, torch.float64)
     storages = {t.untyped_storage().data_ptr() for t in ours.values()}
     assert len(storages) == len(ours)
     tol = 1e-6 if dtype == torch.float32 else 1e-2

@@ -22,9 +22,9 @@ from mmcv.cnn import build_conv_layer
 from mmengine.logging import print_log
 from mmengine.registry import MODELS, DefaultScope
 
+from ...fusion import fuse_convs_, norm_taking_bias
 from ...layers.base import ReparamConv2d
-from ...layers.offline import DiverseBranchBlock
-from ...reparameterize import fuse_convs_, norm_taking_bias
+from ...layers.dbb import DiverseBranchBlock
 from .plain_convs import PlainConvForm, plain_conv_form
 
 _CLASSES: Dict[type, type] = {}

@@ -1,4 +1,4 @@
-"""The eval-mode kernel cache never goes stale (issue 14, items 1 and 2).
+"""The eval-mode kernel cache never goes stale.
 
 Every re-parameterizable layer in eval mode serves one conv with a cached fused kernel. Whatever
 changes a parameter or buffer in place, the next eval forward must equal the un-fused computation
@@ -50,7 +50,7 @@ def _assert_fresh(model, x, before=None):
     cached, reference = _cached_and_reference(model, x)
     served = [m for m in model.children() if isinstance(m, ReparamConv2d)
               and not isinstance(m, DiverseBranchBlock)]  # DBB runs its branches on feature maps
-    assert served and all(m._kernel_cache is not None for m in served), 'cache not used'
+    assert served and all(m.eval_cache.filled for m in served), 'cache not used'
     assert rel_err(cached, reference) <= 1e-10, 'stale eval kernel'
     if before is not None:
         assert rel_err(cached, before) > 1e-3, 'the change did not change the output'
