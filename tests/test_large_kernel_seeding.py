@@ -34,7 +34,7 @@ def test_plain_weight_seeds_any_large_layer_exactly(c_in, c_out, k, groups, bias
     with LogRecords() as log:
         layer.load_state_dict(plain.state_dict(), strict=True)
     assert 'seeded from a plain' in log.text() and 'NOT exact' not in log.text()
-    kernel, b = layer.squeeze()
+    kernel, b = layer.squeezed_kernel_and_bias()
     assert rel_err(kernel, plain.weight) <= 1e-6
     if bias:
         assert rel_err(b, plain.bias) <= 1e-7
@@ -58,7 +58,7 @@ def test_checkpoint_without_a_seed_kernel_loads_it_as_zeros():
         other.seed_kernel.fill_(1.0)
     other.load_state_dict(state, strict=True)
     assert other.seed_kernel.abs().max() == 0
-    assert rel_err(other.squeeze()[0], layer.squeeze()[0]) == 0
+    assert rel_err(other.squeezed_kernel_and_bias()[0], layer.squeezed_kernel_and_bias()[0]) == 0
 
 
 def _scope(toolbox):
