@@ -8,8 +8,9 @@ width (the smallest arch each class takes; a reduced one for the widest families
 ``OREPA<Name>``, one SGD step in train mode, fuse (:func:`mmorepa.reparameterize`), build the
 deploy config :func:`mmorepa.deploy.deploy_config` writes (the stock class) and load the fused
 weights into it strictly, and compare its features with the un-fused model's in float64, whose
-layers squeeze their branches, convolve and normalize on feature maps (``unfused_eval``). One table row per name: the re-parameterized layers, the k x k
-convs kept plain and why, the relative error. Exit status 1 if a row fails.
+layers squeeze their branches, convolve and normalize on feature maps (``unfused_eval``). One
+table row per name: the re-parameterized layers, the k x k convs kept plain and why, the
+relative error. Exit status 1 if a row fails.
 """
 import argparse
 import contextlib
