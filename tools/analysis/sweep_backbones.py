@@ -328,6 +328,16 @@ def _train_step(model: nn.Module, x: torch.Tensor):
     model.eval()
 
 
+def _unfused_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The un-fused model's features in float64 (not the fused arithmetic), or in the model's
+    own dtype for networks that make float32 tensors of their own (positional encodings)."""
+    with torch.no_grad(), mmorepa.unfused_eval(model):
+        try:
+            return _outputs(copy.deepcopy(model).double(), x.double())
+        except RuntimeError:
+            return _outputs(model, x).double()
+
+
 def _load_strictly(stock: nn.Module, state_dict: dict):
     """``load_state_dict(strict=True)``, except for the keys the stock class itself drops when it
     loads its own state dict (SwinTransformerV2 re-creates its relative-position buffers)."""
@@ -380,8 +390,7 @@ def _check(registry, name, cfg, x, row):
         row['kept'] = list(getattr(model, 'convs_kept_plain', ()))
         _randomize_norms_(model, torch.Generator().manual_seed(1))
         _train_step(model, x)
-        with torch.no_grad(), mmorepa.unfused_eval(model):  # float64: not the fused arithmetic
-            reference = _outputs(copy.deepcopy(model).double(), x.double())
+        reference = _unfused_features(model, x)
         if not (torch.isfinite(reference).all() and reference.abs().max() > 0):
             raise AssertionError('the un-fused features are zero or not finite after the '
                                  'training step')
