@@ -47,7 +47,8 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.get('custom_imports'):
         from mmengine.utils import import_modules_from_strings
         import_modules_from_strings(**cfg.custom_imports)
-    init_default_scope(cfg.get('default_scope', None))
+    if cfg.get('default_scope'):  # none: each type names its toolbox ('mmdet.RetinaNet')
+        init_default_scope(cfg.default_scope)
     model = cfg.model
     if isinstance(model, (dict, ConfigDict)):
         model = MODELS.build(model)

@@ -15,6 +15,7 @@ from .config import build_model, build_model_of, read_config
 from .errors import ArgumentError, PathError
 from .fileio import atomic_write, check_input_file, check_output_file
 from .fusion import reparameterize, unfused_eval
+from .models import stock_model_cfg
 
 # conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).
 CONV_TYPES = ('OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
@@ -25,19 +26,20 @@ DEPLOY_CONFIG_HEADER = '# deploy config written by tools/deploy_convert.py'
 
 
 def _deploy_model_cfg(node):
-    """Replace, recursively, mmorepa backbones by their stock form (their ``stock_cfg``) and drop
-    mmorepa conv types."""
+    """mmorepa backbones replaced by their stock form (:func:`mmorepa.models.stock_model_cfg`)
+    and mmorepa conv types dropped."""
+    return _drop_conv_types(stock_model_cfg(node))
+
+
+def _drop_conv_types(node):
     if isinstance(node, (list, tuple)):
-        return type(node)(_deploy_model_cfg(v) for v in node)
+        return type(node)(_drop_conv_types(v) for v in node)
     if not isinstance(node, dict):
         return node
-    node = {k: _deploy_model_cfg(v) for k, v in node.items()}
+    node = {k: _drop_conv_types(v) for k, v in node.items()}
     conv_cfg = node.get('conv_cfg')
     if isinstance(conv_cfg, dict) and conv_cfg.get('type') in CONV_TYPES:
         node['conv_cfg'] = None
-    cls = MODELS.get(node['type']) if isinstance(node.get('type'), str) else None
-    if cls is not None and hasattr(cls, 'stock_cfg'):
-        node = cls.stock_cfg(node)
     return node
 
 
@@ -50,7 +52,8 @@ def deploy_config(cfg: Config) -> Config:
     where a backbone has no stock counterpart (``stage_blocks`` other than its depth's): that one
     stays the mmorepa backbone with ``deploy=True`` (the stock blocks, plain convs)."""
     cfg = copy.deepcopy(cfg)
-    init_default_scope(cfg.get('default_scope', None))
+    if cfg.get('default_scope'):  # none: each type names its toolbox ('mmdet.RetinaNet')
+        init_default_scope(cfg.default_scope)
     needs_mmorepa = False
     for key in list(cfg.keys()):
         value = cfg[key].to_dict() if isinstance(cfg[key], ConfigDict) else cfg[key]

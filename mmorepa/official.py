@@ -126,6 +126,9 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Ten
                        flip=g > 0)
             used.update(k for k in sd if k.startswith(f'stage0.conv1.weight{g}.'))
         _bn(sd, 'stage0.conv1.bn', 'backbone.bn1', out)
+        # the official stem has no seed kernel (OREPALargeConv's, for plain weights): zeros
+        stem, first = out['backbone.bn1.weight'], out['backbone.conv1.generators.0.weight_kxk']
+        out['backbone.conv1.seed_kernel'] = first.new_zeros(stem.shape[0], first.shape[1], 7, 7)
         convs = ('conv1', 'conv2', 'conv3') if arch['bottleneck'] else ('conv1', 'conv2')
         for s, n in enumerate(arch['stage_blocks'], 1):
             for b in range(n):

@@ -211,7 +211,17 @@ class OREPAConv1x1(ScaledBranches, ReparamConv2d):
 class OREPALargeConv(ReparamConv2d):
     """The linear deep stem (Sec. 3.5): a ``k x k`` kernel (odd ``k >= 5``) squeezed from
     ``(k - 1) / 2`` stacked 3x3 OREPA generators (``C_in -> C_out -> ... -> C_out``, no norm of
-    their own), composed with Eq. 3 and applied once with the layer's stride and padding.
+    their own, grouped as the layer), composed with Eq. 3, plus the buffer ``seed_kernel``, and
+    applied once with the layer's stride and padding.
+
+    ``seed_kernel`` is zero unless the layer started from a plain conv's weight that the
+    generators cannot compose exactly: a stack of 3x3 kernels spans only part of the ``k x k``
+    kernels (a depthwise 7x7 has 49 taps, three depthwise 3x3s compose 27 numbers; a dense one
+    needs ``C_out >= 9 C_in`` and ``k <= 9``). It then holds the weight minus the generators'
+    composition, so the layer computes that weight exactly; it is not trained (the generators
+    are, as in the paper), and weight decay on them pulls the kernel towards that weight. A
+    checkpoint without the entry (official, or written before the buffer existed) loads it as
+    zeros.
 
     ``generator_cfg`` is passed to each :class:`OREPAConv2d` generator (branches, scaling, ...).
     """
@@ -237,27 +247,43 @@ class OREPALargeConv(ReparamConv2d):
             OREPAConv2d(cin, cout, 3, groups=groups, **cfg)
             for cin, cout in zip(channels[:-1], channels[1:]))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.register_buffer('seed_kernel', torch.zeros(out_channels, in_channels // groups, k, k))
         if norm_cfg is not None:
             self.bn = build_norm_layer(norm_cfg, out_channels)[1]
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """A checkpoint with the generators but no ``seed_kernel`` has none: zeros."""
+        if (not self.deploy and prefix + 'seed_kernel' not in state_dict
+                and any(k.startswith(prefix + 'generators.') for k in state_dict)):
+            state_dict[prefix + 'seed_kernel'] = torch.zeros_like(self.seed_kernel)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def seeded_state(self, weight, bias):
-        """``weight`` factored into one kernel per generator (:func:`~mmorepa.ops.algebra.
-        factor_into_3x3`, exact when ``C_out >= 9 C_in`` and ``k <= 9``), each generator then
-        seeded with its kernel; channels the factorisation does not use keep the generators'
-        current values."""
-        if self.groups != 1:
-            raise ValueError(f'OREPALargeConv with groups={self.groups} cannot start from a '
-                             'plain conv weight')
+        """Generators and ``seed_kernel`` whose sum is ``weight`` exactly: for ``groups == 1``,
+        ``weight`` factored into one kernel per generator (:func:`~mmorepa.ops.algebra.
+        factor_into_3x3`; channels it does not use keep the generators' current values), each
+        generator seeded with its kernel; grouped and depthwise layers keep their generators.
+        ``seed_kernel`` takes what the generators' composition leaves of ``weight`` (zero up
+        to rounding where the factorisation is exact)."""
         with torch.no_grad():
             current = [g.squeezed_kernel_and_bias()[0].double() for g in self.generators]
-        stages, err = factor_into_3x3(weight, len(self.generators), self.out_channels, current)
         values = {}
-        for i, (gen, stage) in enumerate(zip(self.generators, stages)):
-            gen_values, _ = gen.seeded_state(stage, None)
-            values.update({f'generators.{i}.{k}': v for k, v in gen_values.items()})
+        stages = current
+        if self.groups == 1:
+            stages, _ = factor_into_3x3(weight, len(self.generators), self.out_channels,
+                                        current)
+            for i, (gen, stage) in enumerate(zip(self.generators, stages)):
+                gen_values, _ = gen.seeded_state(stage, None)
+                values.update({f'generators.{i}.{k}': v for k, v in gen_values.items()})
+        composed = stages[0]
+        for stage in stages[1:]:
+            composed = compose(composed, stage, self.groups)
+        values['seed_kernel'] = weight - composed
         if bias is not None:
             values['bias'] = bias
-        return values, err
+        return values, 0.0
 
     def squeezed_kernel_and_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
         """The generators' squeezed kernels composed in sequence (Eq. 3)."""
@@ -265,7 +291,7 @@ class OREPALargeConv(ReparamConv2d):
         for gen in self.generators:
             w, _ = gen.squeezed_kernel_and_bias()
             kernel = w if kernel is None else compose(kernel, w, self.groups)
-        return kernel, self.bias
+        return kernel + self.seed_kernel.to(kernel.dtype), self.bias
 
 
 def OREPA(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

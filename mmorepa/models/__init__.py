@@ -1,3 +1,3 @@
-from .backbones import OREPAVGG, OREPAResNet
+from .backbones import OREPABuilder, OREPAResNet, OREPAVGG, stock_model_cfg
 
-__all__ = ['OREPAResNet', 'OREPAVGG']
+__all__ = ['OREPABuilder', 'OREPAResNet', 'OREPAVGG', 'stock_model_cfg']

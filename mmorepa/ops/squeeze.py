@@ -246,8 +246,25 @@ def _squeeze_backward_impl(grad: Tensor, leaves: List[Tensor], scales: Optional[
     grad_scales, out = _squeeze_backward(grad, records, dict(zip(names, leaves)),
                                          dict(zip(names, needs)), need_scales, scales, terms)
     grads = [grad_scales] + [out.get(n) for n in names]
-    return [grad.new_empty(0) if g is None else g.clone() if g is grad else g.contiguous()
-            for g in grads]
+    return _own_memory(grads, [grad, *leaves], grad)
+
+
+def _own_memory(grads, inputs, like: Tensor) -> List[Tensor]:
+    """``grads`` as an operator may return them: contiguous, an empty tensor for ``None``, and
+    none sharing memory with an input or another return (one output channel without scaling
+    makes the fixed-filter branches' gradients contiguous views of one product)."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    result = []
+    for g in grads:
+        if g is None:
+            result.append(like.new_empty(0))
+            continue
+        g = g.contiguous()
+        if g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        taken.add(g.untyped_storage().data_ptr())
+        result.append(g)
+    return result
 
 
 _squeeze_backward_op = torch.library.custom_op('mmorepa::squeeze_backward',

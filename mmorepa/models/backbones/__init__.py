@@ -1,8 +1,9 @@
-from .any_backbone import register_backbones
+from .any_backbone import register_backbones, stock_model_cfg
+from .builder import OREPABuilder
 from .orepa_resnet import OREPAResNet
 from .orepa_vgg import OREPAVGG
 
-# OREPA<Name> for every backbone of the installed toolboxes, resolved when built (any_backbone)
+# OREPA<Name> in each toolbox's MODELS and, resolved when built, in the root MODELS
 register_backbones()
 
-__all__ = ['OREPAResNet', 'OREPAVGG', 'register_backbones']
+__all__ = ['OREPABuilder', 'OREPAResNet', 'OREPAVGG', 'register_backbones', 'stock_model_cfg']

@@ -1,36 +1,46 @@
-"""``OREPA<Name>``: every backbone class of mmpretrain, mmdet and mmseg with OREPA layers.
+"""``OREPA<Name>``: every model class of mmpretrain, mmdet, mmseg (and any other registry below
+mmengine's ``MODELS``, a user's included) with OREPA layers.
 
 ``dict(type='OREPA<Name>', ...)`` (``OREPAResNetV1c``, ``OREPAResNet_CIFAR``, ``OREPAHRNet``,
-``OREPARegNet``, ...) builds the class ``<Name>`` of the current default scope (the config's
-``default_scope``) with every argument it takes, then swaps OREPA layers in for its plain convs
-(:class:`~.reparam_backbone.ReparamBackboneMixin`), so every k x k conv (k > 1) becomes
-re-parameterizable; ``reparam='dbb'`` swaps in DBB blocks, ``reparam='none'`` keeps the stock
-network. 1x1 convs: Rep-1x1 for the 1x1s of bottleneck blocks (and their shortcut), plain
-elsewhere, as in OREPA-ResNet; ``orepa_cfg=dict(rep_1x1=True / False)`` sets all of them.
-Fused (or built with ``deploy=True``) it is the stock ``<Name>``; its stock config is
-``stock_cfg(cfg)``.
+``OREPARegNet``, a user's ``OREPAMyNet``, ...) builds the class ``<Name>`` with every argument it
+takes, then swaps OREPA layers in for its plain convs (:class:`~.builder.OREPABuilder`), so every
+k x k conv (k > 1) becomes re-parameterizable; ``reparam='dbb'`` swaps in DBB blocks,
+``reparam='none'`` keeps the stock network. Fused (or built with ``deploy=True``) it is the stock
+``<Name>``; :func:`stock_model_cfg` turns a config into the stock one.
 
-How the names resolve without importing the toolboxes: ``import mmorepa`` registers, in mmengine's
-root ``MODELS`` (which mmpretrain's, mmdet's and mmseg's registries fall back on), one small
-builder per name in the ``__all__`` of each installed toolbox's ``models/backbones/__init__.py``,
-read as text (the toolbox is not imported). A builder imports the default scope's toolbox only
-when it is called, and looks ``<Name>`` up in that toolbox's registry. ``OREPAResNet`` and
-``OREPAVGG`` (the paper's OREPA-ResNet and OREPA-VGG, on ``ResNet`` and ``RepVGG``) keep their own
-builders; mmpretrain's plain ``VGG`` therefore has no ``OREPA`` name.
+Where the names live (mmengine's registries have no hook for unknown names):
+
+- **In each toolbox's** ``MODELS``: every ``nn.Module`` class registered there gets
+  ``OREPA<Name>`` in the same registry when it is registered (:func:`name_registered_classes`
+  watches mmengine's ``MODELS`` tree: the registries below it register as before, each
+  registration also adds the OREPA name). A model built from a toolbox's registry (its default
+  scope, or a scoped type such as ``'mmdet.RetinaNet'`` whose children its own registry builds)
+  finds that toolbox's class. A class registered later under a name we gave replaces ours.
+- **In the root** ``MODELS``, for builds with no toolbox registry in play and before any toolbox
+  is imported: one builder per name in the ``__all__`` of each installed toolbox's
+  ``models/backbones/__init__.py``, read as text (``import mmorepa`` imports no toolbox), that
+  resolves the name in the current default scope when called.
+
+``OREPAResNet`` (``ResNet`` / ``ResNeXt`` by ``groups``) and ``OREPAVGG`` (mmpretrain's
+``RepVGG``; the paper's OREPA-VGG) have builders of their own; the plain ``VGG`` therefore has no
+``OREPA`` name.
 """
 import ast
-import copy
 import importlib.util
 from pathlib import Path
 from typing import Optional, Tuple
 
-from mmengine.registry import MODELS
+import torch.nn as nn
+from mmengine.registry import MODELS, DefaultScope, Registry
 
-from .orepa_resnet import resnet_conv_cfg
-from .reparam_backbone import reparam_class, stock_class
+from .builder import OREPABuilder
+from .orepa_resnet import OREPAResNet, ResNetBuilder
+from .orepa_vgg import OREPAVGG
+from .reparam_backbone import toolbox_registry
 
 TOOLBOXES = ('mmpretrain', 'mmdet', 'mmseg')
-_OURS = ('type', 'reparam', 'orepa_cfg', 'deploy', 'stage_blocks')
+# stock names whose OREPA name is a builder of its own: ResNet's, or reserved (OREPAVGG is RepVGG)
+SPECIAL = {'ResNet': ResNetBuilder, 'VGG': None}
 
 
 def toolbox_backbone_names(toolbox: str) -> Tuple[str, ...]:
@@ -54,86 +64,142 @@ def toolbox_backbone_names(toolbox: str) -> Tuple[str, ...]:
     return ()
 
 
-def orepa_conv_cfgs(reparam: str = 'orepa', orepa_cfg: Optional[dict] = None):
-    """The ``conv_cfg`` swapped into any backbone, as a function ``(conv, bottleneck) -> dict``
-    (``bottleneck``: a 1x1 of a bottleneck block or its shortcut), or ``None`` for
-    ``reparam='none'``. Options and checks are those of :func:`resnet_conv_cfg`."""
-    in_block = resnet_conv_cfg(reparam, orepa_cfg, bottleneck=True)
-    elsewhere = resnet_conv_cfg(reparam, orepa_cfg, bottleneck=False)
-    if in_block is None:
+def builder_for(name: str, registry=None) -> Optional[OREPABuilder]:
+    """The builder of ``OREPA<name>`` (bound to ``registry``), or ``None`` where the name is
+    reserved."""
+    if name in SPECIAL:
+        special = SPECIAL[name]
+        return None if special is None else special(registry)
+    return OREPABuilder(name, registry)
+
+
+def register_root_names() -> Tuple[str, ...]:
+    """Register ``OREPAResNet``, ``OREPAVGG`` and ``OREPA<Name>`` for every exported backbone of
+    the installed toolboxes in the root ``MODELS`` (resolved in the default scope when built)."""
+    names = []
+    for key, builder in (('OREPAResNet', OREPAResNet), ('OREPAVGG', OREPAVGG)):
+        if key not in MODELS.module_dict:
+            MODELS.register_module(name=key, module=builder)
+            names.append(key)
+    for toolbox in TOOLBOXES:
+        for name in toolbox_backbone_names(toolbox):
+            builder = builder_for(name)
+            key = f'OREPA{name}'
+            if builder is not None and key not in MODELS.module_dict:
+                MODELS.register_module(name=key, module=builder)
+                names.append(key)
+    return tuple(names)
+
+
+def _orepa_name(registry: Registry, name: str, module) -> Optional[Tuple[str, OREPABuilder]]:
+    """The OREPA name and builder ``registry`` gets for ``module`` registered as ``name``."""
+    if not (isinstance(module, type) and issubclass(module, nn.Module)) or \
+            module.__module__.split('.')[0] == 'mmorepa':
         return None
-    return lambda conv, bottleneck: in_block if bottleneck else elsewhere
+    builder = builder_for(name, registry)
+    return None if builder is None else (f'OREPA{name}', builder)
 
 
-def _check_kwargs(name: str, stock: type, kwargs: dict):
-    """Arguments of the stock class only (following ``**kwargs`` up its bases): a wrong name
-    fails here in one line naming it."""
-    import inspect
-    known = set()
-    for cls in stock.__mro__:
-        if '__init__' not in vars(cls):
-            continue
-        params = inspect.signature(cls.__init__).parameters
-        known.update(params)
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            break
-    else:
-        return  # **kwargs all the way up: the stock class decides
-    for key in kwargs:
-        if key not in known:
-            raise TypeError(f'OREPA{name}: {stock.__module__}.{name} takes no argument {key!r}')
+def _add_orepa_names(registry: Registry, items):
+    for name, module in items:
+        named = _orepa_name(registry, name, module)
+        if named is not None and named[0] not in registry.module_dict:
+            registry.module_dict[named[0]] = named[1]
 
 
-def backbone_builder(name: str):
-    """The registered ``OREPA<name>``: builds ``<name>`` of the default scope with OREPA layers."""
-
-    def build(*args, reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
-              deploy: bool = False, **kwargs):
-        stock = stock_class(name)
-        conv_cfg = orepa_conv_cfgs(reparam, orepa_cfg)
-        if conv_cfg is not None and kwargs.get('conv_cfg') is not None:
-            raise ValueError(f"OREPA{name}: conv_cfg={kwargs['conv_cfg']!r} and "
-                             f"reparam={reparam!r} both choose the convs: use reparam='none' "
-                             'with a conv_cfg')
-        kwargs.pop('_scope_', None)
-        _check_kwargs(name, stock, {k: v for k, v in kwargs.items() if k != 'stage_blocks'})
-        return reparam_class(stock)(*args, reparam_conv_cfg=conv_cfg, deploy=deploy, **kwargs)
-
-    build.__name__ = build.__qualname__ = f'OREPA{name}'
-    build.__module__ = __name__
-    build.__doc__ = (f'``{name}`` of the default scope (mmpretrain, mmdet or mmseg) with OREPA '
-                     'layers in place of its plain convs; see :mod:`' + __name__ + '`.')
-    build.stock_cfg = lambda cfg: stock_cfg(name, cfg)
-    return build
+def _names_of(module, module_name):
+    if module_name is None:
+        return [module.__name__]
+    return [module_name] if isinstance(module_name, str) else list(module_name)
 
 
-def stock_cfg(name: str, cfg: dict) -> dict:
-    """The config of the stock ``<name>`` that a fused ``OREPA<name>`` model is: the same
-    arguments, the base type (``deploy=True`` where the stock class has its own fused form, as
-    mmpretrain's ``RepVGG``). ``stage_blocks`` that the stock class does not take has no stock
-    counterpart: then the same ``OREPA<name>`` with ``deploy=True``."""
-    import inspect
-    cfg = copy.deepcopy(dict(cfg))
-    stock = stock_class(name)
-    params = inspect.signature(stock.__init__).parameters
-    out = {k: v for k, v in cfg.items() if k not in _OURS}
-    if 'stage_blocks' in cfg and 'stage_blocks' in params:
-        out['stage_blocks'] = cfg['stage_blocks']
-    elif cfg.get('stage_blocks') is not None:
-        return dict(type=cfg['type'], deploy=True, stage_blocks=cfg['stage_blocks'], **out)
-    if 'deploy' in params:
-        out['deploy'] = True
-    return dict(type=name, **out)
+def _watch(registry: Registry):
+    """Give ``registry`` (and the registries below it, now and later) OREPA names for its
+    classes, those registered so far and those registered from now on."""
+    if getattr(registry, '_mmorepa_watched', False):
+        return
+    register, add_child = registry._register_module, registry._add_child
+
+    def register_module(module, module_name=None, force=False):
+        for name in _names_of(module, module_name):  # a class's own name replaces ours
+            if isinstance(registry.module_dict.get(name), OREPABuilder):
+                del registry.module_dict[name]
+        register(module=module, module_name=module_name, force=force)
+        _add_orepa_names(registry, [(n, module) for n in _names_of(module, module_name)])
+
+    def add_child_registry(child):
+        add_child(child)
+        _watch(child)
+
+    registry._register_module = register_module
+    registry._add_child = add_child_registry
+    registry._mmorepa_watched = True
+    _add_orepa_names(registry, list(registry.module_dict.items()))
+    for child in list(registry.children.values()):
+        _watch(child)
+
+
+def name_registered_classes():
+    """Watch the registries below mmengine's root ``MODELS`` (see the module docstring): the
+    root's own entries are not named; its children, and theirs, are."""
+    if getattr(MODELS, '_mmorepa_watched', False):
+        return
+    add_child = MODELS._add_child
+
+    def add_child_registry(child):
+        add_child(child)
+        _watch(child)
+
+    MODELS._add_child = add_child_registry
+    MODELS._mmorepa_watched = True
+    for child in list(MODELS.children.values()):
+        _watch(child)
 
 
 def register_backbones() -> Tuple[str, ...]:
-    """Register ``OREPA<Name>`` in the root ``MODELS`` for every backbone of the installed
-    toolboxes (names already registered, ``OREPAResNet`` and ``OREPAVGG``, are kept)."""
-    names = []
-    for toolbox in TOOLBOXES:
-        for name in toolbox_backbone_names(toolbox):
-            key = f'OREPA{name}'
-            if key not in MODELS.module_dict:
-                MODELS.register_module(name=key, module=backbone_builder(name))
-                names.append(key)
-    return tuple(names)
+    """Both kinds of names (see the module docstring); returns those registered in the root."""
+    name_registered_classes()
+    return register_root_names()
+
+
+# -- the stock config of a model config -----------------------------------------------------------
+def _lookup(type_name: str, scope: Optional[str]):
+    """What ``type_name`` is in the registry of ``scope`` (the root's when ``None``), and the
+    scope whose registry builds the object's children (that of a scoped type, else ``scope``)."""
+    type_scope, bare = Registry.split_scope_key(type_name)
+    if '.' in bare:  # an import path, not a registered name
+        return None, scope
+    scope = type_scope or scope
+    registry = MODELS if scope is None else toolbox_registry(scope)
+    if registry is None:
+        return None, scope
+    registry.import_from_location()
+    while registry is not None and bare not in registry.module_dict:
+        registry = registry.parent
+    return (None if registry is None else registry.module_dict[bare]), scope
+
+
+def stock_model_cfg(node, scope: Optional[str] = None):
+    """``node`` (a model config: dicts and lists) with every OREPA backbone replaced by the
+    config of the stock network its fused form is (:meth:`OREPABuilder.stock_cfg`), each
+    resolved as mmengine builds it: in the default scope's registry when one is set, else in the
+    registry of the enclosing model's scope (``'mmdet.RetinaNet'`` -> mmdet's), a node's
+    ``_scope_`` first."""
+    if isinstance(node, (list, tuple)):
+        return type(node)(stock_model_cfg(v, scope) for v in node)
+    if not isinstance(node, dict):
+        return node
+    if node.get('_scope_'):
+        scope = node['_scope_']
+    elif DefaultScope.get_current_instance() is not None:
+        scope = DefaultScope.get_current_instance().scope_name
+    found, child_scope = (_lookup(node['type'], scope) if isinstance(node.get('type'), str)
+                          else (None, scope))
+    node = {k: stock_model_cfg(v, child_scope) for k, v in node.items()}
+    if isinstance(found, OREPABuilder):
+        stock = found.stock_cfg(node)
+        type_scope = Registry.split_scope_key(node['type'])[0]
+        if type_scope and '.' not in stock['type']:
+            stock['type'] = f'{type_scope}.{stock["type"]}'
+        return stock
+    return node

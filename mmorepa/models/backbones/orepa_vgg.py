@@ -7,9 +7,10 @@ Fused, it is mmpretrain's ``RepVGG(deploy=True)``.
 import copy
 from typing import Optional
 
-from mmengine.registry import MODELS
+from .builder import OREPABuilder
+from .reparam_backbone import reparam_class
 
-from .reparam_backbone import reparam_class, stock_class
+__all__ = ['VGGBuilder', 'OREPAVGG', 'vgg_conv_cfg']
 
 REPARAMS = ('orepa', 'repvgg')
 _OURS = ('type', '_scope_', 'reparam', 'orepa_cfg', 'deploy')
@@ -31,10 +32,9 @@ def vgg_conv_cfg(reparam: str = 'orepa', orepa_cfg: Optional[dict] = None) -> Op
     return dict(type='OREPA', rep_1x1=False, **cfg)
 
 
-@MODELS.register_module()
-def OREPAVGG(arch, reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
-             deploy: bool = False, **kwargs):
-    """mmpretrain's ``RepVGG`` (any arch without SE blocks) with OREPA-VGG or RepVGG blocks.
+class VGGBuilder(OREPABuilder):
+    """``OREPAVGG``: mmpretrain's ``RepVGG`` (any arch without SE blocks) with OREPA-VGG or
+    RepVGG blocks, in every scope.
 
     Args:
         arch: ``'A0'``, ``'A1'``, ``'A2'``, ... or an arch dict, as in mmpretrain.
@@ -43,16 +43,23 @@ def OREPAVGG(arch, reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
         deploy: build the fused form (``RepVGG(deploy=True)``) directly.
         **kwargs: every other argument of mmpretrain's ``RepVGG``.
     """
-    conv_cfg = vgg_conv_cfg(reparam, orepa_cfg)
-    return reparam_class(stock_class('RepVGG', 'mmpretrain'))(
-        arch, reparam_conv_cfg=conv_cfg, deploy=deploy, **kwargs)
+
+    def __init__(self):
+        super().__init__('RepVGG', 'mmpretrain')
+        self.__name__ = self.__qualname__ = 'OREPAVGG'
+
+    def __call__(self, arch, reparam: str = 'orepa', orepa_cfg: Optional[dict] = None,
+                 deploy: bool = False, **kwargs):
+        conv_cfg = vgg_conv_cfg(reparam, orepa_cfg)
+        kwargs.pop('_scope_', None)
+        return reparam_class(self.stock())(arch, reparam_conv_cfg=conv_cfg, deploy=deploy,
+                                           **kwargs)
+
+    def stock_cfg(self, cfg: dict) -> dict:
+        """mmpretrain's ``RepVGG`` with ``deploy=True``: what a fused model is."""
+        cfg = copy.deepcopy(dict(cfg))
+        return dict(type='mmpretrain.RepVGG', deploy=True,
+                    **{k: v for k, v in cfg.items() if k not in _OURS})
 
 
-def vgg_stock_cfg(cfg: dict) -> dict:
-    """mmpretrain's ``RepVGG`` with ``deploy=True``: what a fused model is."""
-    cfg = copy.deepcopy(dict(cfg))
-    return dict(type='mmpretrain.RepVGG', deploy=True,
-                **{k: v for k, v in cfg.items() if k not in _OURS})
-
-
-OREPAVGG.stock_cfg = vgg_stock_cfg
+OREPAVGG = VGGBuilder()

@@ -1,15 +1,18 @@
 """OREPA inside the toolboxes' own networks: build the stock backbone, then swap its plain convs.
 
 One mechanism serves every backbone, whether or not it passes ``conv_cfg`` to its convs (mmdet's
-DCN stages refuse ``conv_cfg``): :func:`swap_convs_` replaces each plain ``nn.Conv2d`` of a built
-network by the layer a ``conv_cfg`` builds for the same geometry. Convs that belong to another
-conv op (the offset conv of a deformable conv) are left alone, and so is the op itself.
+DCN stages refuse ``conv_cfg``): :func:`swap_convs_` replaces each conv of a built network that
+computes as a plain zero-padded conv (``nn.Conv2d``, mmcv's ``Conv2d`` and
+``Conv2dAdaptivePadding``: :mod:`.plain_convs`) by the layer a ``conv_cfg`` builds for the same
+geometry, which fuses back into the same conv class. Convs that belong to another conv op (the
+offset conv of a deformable conv) are left alone, and so is the op itself.
 
 :func:`reparam_class` gives, for a stock backbone class (mmpretrain's / mmdet's / mmseg's
 ``ResNet``, ``ResNeXt``, mmpretrain's ``RepVGG``, ...), a subclass that does the swap after the
 stock constructor and fuses back with ``switch_to_deploy()``: its blocks, keys and options are the
 stock network's, and its fused form is the stock network.
 """
+import importlib
 import inspect
 import logging
 from typing import Dict, List, Optional, Sequence
@@ -17,11 +20,12 @@ from typing import Dict, List, Optional, Sequence
 import torch.nn as nn
 from mmcv.cnn import build_conv_layer
 from mmengine.logging import print_log
-from mmengine.registry import DefaultScope
+from mmengine.registry import MODELS, DefaultScope
 
 from ...fusion import fuse_convs_, norm_taking_bias
 from ...layers.base import ReparamConv2d
 from ...layers.dbb import DiverseBranchBlock
+from .plain_convs import PlainConvForm, plain_conv_form
 
 _CLASSES: Dict[type, type] = {}
 
@@ -37,8 +41,8 @@ def _is_bottleneck(module: nn.Module) -> bool:
 
 
 def _conv_op_kernel(module: nn.Module) -> int:
-    """The largest kernel side of a conv op that is not a plain ``nn.Conv2d`` (a deformable conv,
-    an ``nn.Conv2d`` subclass, a 1-d / 3-d / transposed conv), else 0."""
+    """The largest kernel side of a conv op that does not compute as a plain conv (a deformable
+    conv, another ``nn.Conv2d`` subclass, a 1-d / 3-d / transposed conv), else 0."""
     k = getattr(module, 'kernel_size', None)
     if not _owns_weight(module) or k is None or isinstance(module, ReparamConv2d):
         return 0
@@ -48,8 +52,9 @@ def _conv_op_kernel(module: nn.Module) -> int:
 def swap_convs_(module: nn.Module, conv_cfg, prefix: str = '',
                 kept: Optional[List[str]] = None, _bottleneck: bool = False,
                 _outer=None) -> List[str]:
-    """Replace, in place, every plain ``nn.Conv2d`` below ``module`` by
-    ``build_conv_layer(conv_cfg, <the conv's geometry>)``; returns the names of those replaced.
+    """Replace, in place, every conv below ``module`` that computes as a plain conv
+    (:func:`~.plain_convs.plain_conv_form`) by ``build_conv_layer(conv_cfg, <the conv's
+    geometry>)``, made to fuse into the conv's own class; returns the names of those replaced.
 
     ``conv_cfg`` is a dict, or a function ``(conv, bottleneck) -> dict`` (``bottleneck``: the conv
     sits directly in a bottleneck block or in its ``downsample``). A conv the factory keeps plain
@@ -65,9 +70,10 @@ def swap_convs_(module: nn.Module, conv_cfg, prefix: str = '',
     swapped = []
     for name, child in list(module.named_children()):
         full = f'{prefix}{name}'
-        if type(child) is nn.Conv2d:
+        form = plain_conv_form(child)
+        if form is not None:
             new, why = _reparam_layer(child, conv_cfg(child, _bottleneck) if callable(conv_cfg)
-                                      else conv_cfg)
+                                      else conv_cfg, form)
             if why is None and isinstance(new, DiverseBranchBlock) and not new.expects_bias and \
                     norm_taking_bias(module, name, new.out_channels, _outer) is None:
                 why = 'DBB fuses to a conv with a bias, and no BatchNorm after it takes the bias'
@@ -77,8 +83,9 @@ def swap_convs_(module: nn.Module, conv_cfg, prefix: str = '',
                 if max(child.kernel_size) > 1:
                     kept.append(f'{full} ({why})')
                 continue
-            if type(new) is nn.Conv2d:
-                continue
+            if not isinstance(new, ReparamConv2d):
+                continue  # the factory keeps this geometry plain: the stock conv stays
+            new = form.adopt(new, child)
             new.to(device=child.weight.device, dtype=child.weight.dtype)
             new.train(child.training)
             new.requires_grad_(child.weight.requires_grad)
@@ -94,15 +101,17 @@ def swap_convs_(module: nn.Module, conv_cfg, prefix: str = '',
     return swapped
 
 
-def _reparam_layer(conv: nn.Conv2d, conv_cfg: dict):
-    """The layer ``conv_cfg`` builds for ``conv``'s geometry, or ``(None, why not)``."""
+def _reparam_layer(conv: nn.Conv2d, conv_cfg: dict, form: PlainConvForm):
+    """The layer ``conv_cfg`` builds for ``conv``'s geometry (its padding as ``form`` gives
+    it), or ``(None, why not)``."""
     if conv.padding_mode != 'zeros':
         return None, (f'padding_mode={conv.padding_mode!r}: only zero padding squeezes exactly')
-    if isinstance(conv.padding, str):
-        return None, f'padding={conv.padding!r}'
+    padding = form.padding(conv)
+    if isinstance(padding, str):
+        return None, f'padding={padding!r}'
     try:
         return build_conv_layer(conv_cfg, conv.in_channels, conv.out_channels, conv.kernel_size,
-                                stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                stride=conv.stride, padding=padding, dilation=conv.dilation,
                                 groups=conv.groups, bias=conv.bias is not None), None
     except ValueError as e:
         return None, str(e)
@@ -114,18 +123,19 @@ def check_conv_cfg(conv_cfg) -> None:
     ``ValueError`` naming it, not a network whose convs all stay plain."""
     probe = nn.Conv2d(8, 8, 3, padding=1, bias=False)
     cfg = conv_cfg(probe, False) if callable(conv_cfg) else conv_cfg
-    _, why = _reparam_layer(probe, cfg)
+    _, why = _reparam_layer(probe, cfg, plain_conv_form(probe))
     if why is not None:
         raise ValueError(f'conv_cfg {cfg!r} builds no layer, not even for a 3x3 conv: {why}')
 
 
 class ReparamBackboneMixin:
-    """What :func:`reparam_class` adds to a stock backbone class.
+    """What :func:`reparam_class` adds to a stock backbone class (``stock_backbone_class``).
 
     Args (besides the stock class's own):
         reparam_conv_cfg: the ``conv_cfg`` of the layers swapped in for the plain convs (a dict,
             or a function of the conv, see :func:`swap_convs_`); ``None`` keeps the stock network.
-            The k x k convs that stay plain are named in one log line.
+            The k x k convs that stay plain are named in one log line and in
+            ``convs_kept_plain`` (``'name (why)'``).
         stage_blocks: blocks per stage instead of those of ``depth`` (ResNets; small models and
             the official checkpoints' shapes). Such a network has no stock config. A stock class
             that takes ``stage_blocks`` itself (mmdet's ``HourglassNet``) gets it.
@@ -151,10 +161,12 @@ class ReparamBackboneMixin:
             kwargs['deploy'] = deploy
         super().__init__(*args, **kwargs)
         self.deploy = deploy
+        self.convs_kept_plain = ()
         if reparam_conv_cfg is not None and not deploy:
             check_conv_cfg(reparam_conv_cfg)
             kept = []
             swap_convs_(self, reparam_conv_cfg, kept=kept)
+            self.convs_kept_plain = tuple(kept)
             if kept:
                 print_log(f'{type(self).__name__}: k x k convs kept plain (not '
                           f're-parameterizable): {", ".join(kept)}', logger='current',
@@ -181,6 +193,9 @@ class ReparamBackboneMixin:
             if top_level:  # what mmengine's top-level init_weights removes at its end
                 for m in self.modules():
                     m.__dict__.pop('_params_init_info', None)
+
+    def __reduce_ex__(self, protocol):
+        return _new_backbone, (self.stock_backbone_class, ), self.__getstate__()
 
     def switch_to_deploy(self):
         """Fuse in place into the stock network (idempotent): every re-parameterized conv becomes
@@ -213,43 +228,75 @@ def _ddp_init_cfg(init_cfg, message: str):
 
 def reparam_class(stock: type) -> type:
     """The subclass of ``stock`` with :class:`ReparamBackboneMixin` (one per stock class), named
-    ``OREPA<stock>`` and reachable as ``OREPA_<toolbox>_<stock>`` in this module (pickling)."""
+    ``OREPA<stock>``. Its instances pickle as ``stock`` and their state (``__reduce_ex__``), so
+    they load wherever ``stock`` imports, in a fresh process too."""
     if stock not in _CLASSES:
-        toolbox = stock.__module__.split('.')[0]
-        cls = type(f'OREPA{stock.__name__}', (ReparamBackboneMixin, stock), dict(
-            __module__=__name__, __qualname__=f'OREPA_{toolbox}_{stock.__name__}',
+        _CLASSES[stock] = type(f'OREPA{stock.__name__}', (ReparamBackboneMixin, stock), dict(
+            __module__=__name__, stock_backbone_class=stock,
             __doc__=f'``{stock.__module__}.{stock.__name__}`` with OREPA layers swapped in for '
             'its plain convs (see :class:`ReparamBackboneMixin`).'))
-        _CLASSES[stock] = cls
     return _CLASSES[stock]
 
 
-def __getattr__(name: str):
-    """``OREPA_<toolbox>_<stock>``: the class :func:`reparam_class` makes (for unpickling)."""
-    parts = name.split('_', 2)
-    if len(parts) == 3 and parts[0] == 'OREPA' and parts[1] in ('mmpretrain', 'mmdet', 'mmseg'):
-        return reparam_class(stock_class(parts[2], parts[1]))
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+def _new_backbone(stock: type):
+    """An empty instance of ``reparam_class(stock)`` (unpickling: its state follows)."""
+    cls = reparam_class(stock)
+    return cls.__new__(cls)
 
 
-def current_toolbox() -> str:
-    """The toolbox of the current default scope: ``mmpretrain`` (also when none is set),
-    ``mmdet`` or ``mmseg``."""
+def default_registry():
+    """The ``MODELS`` registry of the current default scope (mmpretrain's when none is set)."""
     scope = DefaultScope.get_current_instance()
     name = scope.scope_name if scope is not None else 'mmpretrain'
-    if name not in ('mmpretrain', 'mmdet', 'mmseg'):
-        raise ValueError(f'default scope {name!r}: OREPA backbones are built in mmpretrain, '
-                         'mmdet or mmseg')
-    return name
+    registry = toolbox_registry(name)
+    if registry is None or registry is MODELS:
+        raise ValueError(f'default scope {name!r}: OREPA backbones are built in the MODELS '
+                         'registry of a toolbox (mmpretrain, mmdet, mmseg, ...)')
+    return registry
 
 
-def stock_class(name: str, toolbox: Optional[str] = None) -> type:
-    """The toolbox's own backbone class ``name`` (e.g. ``'ResNet'``, ``'ResNeXt'``)."""
-    import importlib
-    toolbox = toolbox or current_toolbox()
-    registry = importlib.import_module(f'{toolbox}.registry').MODELS
-    importlib.import_module(f'{toolbox}.models')
-    cls = registry.get(f'{toolbox}.{name}')
+def toolbox_registry(scope: str):
+    """The ``MODELS`` registry of ``scope`` (importing ``<scope>.registry``), or ``None``."""
+    try:
+        importlib.import_module(f'{scope}.registry')
+    except ImportError:
+        return None
+    return find_registry(MODELS, scope)
+
+
+def find_registry(registry, scope: str):
+    """The registry of ``scope`` in the tree below ``registry`` (itself included), or ``None``."""
+    if registry.scope == scope:
+        return registry
+    for child in registry.children.values():
+        found = find_registry(child, scope)
+        if found is not None:
+            return found
+    return None
+
+
+def stock_class(name: str, registry=None) -> type:
+    """The class ``name`` registered in ``registry`` (a toolbox's ``MODELS``, or the name of its
+    scope; default: the current default scope's), its modules imported first."""
+    if registry is None or isinstance(registry, str):
+        scope = registry
+        registry = default_registry() if scope is None else toolbox_registry(scope)
+        if registry is None:
+            raise ValueError(f'{scope} is not installed: no backbone {name!r}')
+    registry.import_from_location()
+    cls = registry.module_dict.get(name)
     if cls is None:
-        raise ValueError(f'{toolbox} has no backbone {name!r}')
+        raise ValueError(f'{registry.scope} has no backbone {name!r}{_why_missing(registry, name)}')
     return cls
+
+
+def _why_missing(registry, name: str) -> str:
+    """Why a toolbox that exports ``name`` from its backbones does not build it, or ``''``."""
+    try:
+        exported = importlib.import_module(f'{registry.scope}.models.backbones')
+    except ImportError:
+        return ''
+    if name in getattr(exported, '__all__', ()):
+        return (f' in its MODELS: {registry.scope}.models.backbones exports {name} without '
+                f'registering it (type={name!r} does not build either)')
+    return ''
