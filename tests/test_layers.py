@@ -268,7 +268,7 @@ def test_cache_after_optimizer_step_and_load_state_dict():
     x = _input(4)
     with torch.no_grad():
         y0 = layer(x)
-        assert layer._kernel_cache is not None
+        assert layer.eval_cache.filled
         assert torch.equal(layer(x), y0)  # served from the cache
     opt = torch.optim.SGD(layer.parameters(), lr=0.5, momentum=0.9)
     for foreach in (False, True):
@@ -382,7 +382,7 @@ def test_unfused_eval_is_an_independent_reference():
     x = _input(4)
     with torch.no_grad():
         folded = model(x)
-        assert model[0]._kernel_cache is not None
+        assert model[0].eval_cache.filled
         with mmorepa.unfused_eval(model):
             ref = model(x)
             first = model[0](x)

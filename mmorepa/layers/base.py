@@ -9,13 +9,10 @@ convolves once. It owns its fusion:
 - ``to_conv2d()`` returns that plain ``nn.Conv2d`` (what :func:`mmorepa.reparameterize` puts in
   the layer's place).
 
-In eval mode (without gradients) the fused kernel is cached together with a copy of the values it
-was computed from, and every call compares the layer's parameters and buffers with that copy
-(:func:`_same_values`). Any change of a value invalidates it, whatever made it: an optimizer step of
-any kind (foreach and fused kernels do not always bump tensors' version counters), writes through
-``param.data`` (mmengine's EMA), ``load_state_dict``, ``copy_`` under ``no_grad``, ``.to()``. The
-check reads each parameter once, a small fraction of the squeeze it saves. Train mode always
-regenerates the kernel; under ``torch.compile`` tracing the kernel is computed in the graph.
+In eval mode (without gradients) the layer convolves once with its fused kernel, kept by its
+:class:`~mmorepa.layers.eval_cache.EvalKernelCache` (the fused kernel and bias only, never stale);
+train mode always regenerates the kernel; under ``torch.compile`` tracing the kernel is computed
+in the graph.
 
 ``fake_quant_bits`` (INT8 deployment): the layer's kernel is its squeezed kernel rounded to the
 symmetric per-output-channel grid of that many bits (:func:`per_channel_fake_quant`), in training
@@ -34,6 +31,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import kernels as K
+from .eval_cache import EvalKernelCache
 
 
 def _pair_square(value, name: str) -> int:
@@ -111,26 +109,6 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    """Bitwise equality of two tensors of one shape and dtype (compared as integers: exact for
-    NaN and signed zeros, and about twice as fast as a floating-point ``torch.equal``)."""
-    bits = _BITS.get(a.element_size())
-    if bits is None or a.is_complex():
-        return torch.equal(a, b)
-    return torch.equal(a.view(bits), b.view(bits))
-
-
-def _same_values(snapshot, tensors) -> bool:
-    """Whether ``tensors`` hold exactly the values (shape, dtype, device and bits) of
-    ``snapshot``: the eval kernel cache's validity check."""
-    return len(snapshot) == len(tensors) and all(
-        s.shape == t.shape and s.dtype == t.dtype and s.device == t.device and _same_bits(s, t)
-        for s, t in zip(snapshot, tensors))
-
-
 class ReparamConv2d(nn.Module):
     """Base of the conv layers whose kernel is squeezed from training-time branches.
 
@@ -163,7 +141,7 @@ class ReparamConv2d(nn.Module):
         # no norm of its own) but fuses to one with a bias (DBB) has that bias folded into the
         # norm that follows it (:func:`mmorepa.reparameterize`), so the host's keys stay plain.
         self.expects_bias = bias
-        self._kernel_cache = None
+        self.eval_cache = EvalKernelCache()
         self.fold_norm_in_eval = True
         self.bn = None
 
@@ -200,29 +178,8 @@ class ReparamConv2d(nn.Module):
     def _conv(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _state_tensors(self):
-        return list(self.parameters()) + list(self.buffers())
-
-    def _cached_fused(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """The fused kernel and bias, recomputed unless every parameter and buffer still holds
-        the values it was computed from. Cached tensors are ordinary tensors even when computed
-        under ``torch.inference_mode`` (a later forward may save them for backward)."""
-        tensors = self._state_tensors()
-        cache = self._kernel_cache
-        if cache is not None and _same_values(cache[0], tensors):
-            return cache[1]
-        with torch.inference_mode(False), torch.no_grad():
-            fused = self.fused_kernel_and_bias()
-            snapshot = [t.detach().clone() for t in tensors]
-        self._kernel_cache = (snapshot, fused)
-        return fused
-
-    def clear_kernel_cache(self):
-        """Drop the eval-mode kernel cache (frees its memory; never needed for correctness)."""
-        self._kernel_cache = None
-
     def train(self, mode: bool = True):
-        self._kernel_cache = None
+        self.eval_cache.clear()
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -239,7 +196,7 @@ class ReparamConv2d(nn.Module):
                 if needs_grad or torch.compiler.is_compiling():
                     kernel, bias = self.fused_kernel_and_bias()
                 else:
-                    kernel, bias = self._cached_fused()
+                    kernel, bias = self.eval_cache.fused(self)
             return self._conv(x, kernel, bias)
         with _autocast_off(x.device.type):
             kernel, bias = self.kernel_and_bias()
@@ -365,7 +322,7 @@ class ReparamConv2d(nn.Module):
         self.bn = None
         self.weight = nn.Parameter(kernel)
         self.bias = None if bias is None else nn.Parameter(bias)
-        self._kernel_cache = None
+        self.eval_cache.clear()
         self.deploy = True
 
     def to_conv2d(self) -> nn.Conv2d:
