@@ -76,6 +76,8 @@ def test_quantize_writes_a_valid_int8_file_and_the_metrics(quantized, tiny):
     assert set(result['sqnr_db_by_side']) == {'weights only', 'activations only'}
     assert any(r['layer'].endswith('/head/fc/Gemm') for r in result['layers'])
     assert 'output SQNR, INT8 vs FP32' in stdout and 'accuracy/top1' in stdout
+    # one summary: neither the runner's config dump nor per-batch log lines (--verbose)
+    assert 'Config:' not in stdout and 'test set [' not in stdout
 
 
 def _tool():
