@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .deploy import CheckpointError
+from .errors import CheckpointError
 from .kernels import avg_kernel, frequency_prior, identity_kernel
 
 _OREPA_3X3 = {

@@ -30,8 +30,8 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from .deploy import atomic_write
 from .errors import MMOrepaError
+from .fileio import atomic_write
 from .layers.base import ReparamConv2d, per_channel_fake_quant
 
 CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')

@@ -1,7 +1,19 @@
-"""Shared test helpers: random non-trivial parameters and statistics, explicit references."""
+"""Shared test functions: random non-trivial parameters and statistics, explicit references, the
+toolboxes' registries, and running the tools. The shared fixtures are in ``conftest.py``."""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from mmengine.registry import init_default_scope
 from torch.nn.modules.batchnorm import _BatchNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+CLS_CFG = ROOT / 'configs/demo/orepa_r18_shapes_cls.py'  # the demo classifier
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,3 +128,63 @@ class LogRecords:
 
     def text(self) -> str:
         return '\n'.join(self.messages)
+
+
+def toolbox_registry(toolbox: str):
+    """``toolbox``'s ``MODELS`` registry, with ``toolbox`` as mmengine's default scope."""
+    init_default_scope(toolbox)
+    return importlib.import_module(f'{toolbox}.registry').MODELS
+
+
+def eval_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``model`` (put in eval mode) computes from ``x`` without gradients, its outputs (a
+    tensor, or a tuple or list of them) flattened into one vector."""
+    model.eval()  # mmpretrain's ResNet.train() returns None: no chaining
+    with torch.no_grad():
+        out = model(x)
+    return torch.cat([o.flatten() for o in (out if isinstance(out, (tuple, list)) else [out])])
+
+
+def run_python(args, check: bool = False, umask=None, cwd=ROOT,
+               **kwargs) -> subprocess.CompletedProcess:
+    """``python ARGS`` (a tool, by its path from the repository root) in a fresh process, its
+    output captured as text; with ``umask``, under that umask. ``check``: a failure raises an
+    ``AssertionError`` with the end of its output."""
+    proc = subprocess.run([sys.executable] + [str(a) for a in args], cwd=cwd,
+                          capture_output=True, text=True,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+                          **kwargs)
+    if check and proc.returncode:
+        raise AssertionError(f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *names) -> str:
+    """Exit status 1, no traceback, and the last stderr line (the error) names every one of
+    ``names``; returns that line."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert 'error:' in line, proc.stderr[-3000:]
+    for name in names:
+        assert str(name) in line, (name, line)
+    return line
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (its ``main`` is what ``python tools/<name>.py`` runs)."""
+    spec = importlib.util.spec_from_file_location(f'mmorepa_tools_{name}',
+                                                  ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shapes_train_options(shapes) -> list:
+    """``--cfg-options`` entries that train the demo classifier for two short epochs on the
+    generated data set ``shapes`` (``make_shapes_dataset``, 16 training images)."""
+    return [f'{split}_dataloader.dataset.data_root={shapes}/cls'
+            for split in ('train', 'val', 'test')] + [
+        'train_dataloader.batch_size=8', 'train_dataloader.dataset.indices=16',
+        'train_cfg.max_epochs=2', 'train_cfg.val_interval=10', 'default_hooks.logger.interval=1',
+        'default_hooks.checkpoint.interval=1']

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.registry import DefaultScope, init_default_scope
+from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
 
 import mmorepa
 from mmorepa.layers import ReparamConv2d
 
-from helpers import LogRecords, randomize_network_, rel_err
+from helpers import LogRecords, eval_features, randomize_network_, rel_err, toolbox_registry
 
 def _small_hrnet(backbone):
     """HRNet with one module of one block per branch and a quarter of the widths."""
@@ -78,17 +78,6 @@ def base_backbone(toolbox, config, overrides=()):
     return overrides(backbone) if callable(overrides) else dict(backbone, **dict(overrides))
 
 
-def _scope(toolbox):
-    init_default_scope(toolbox)
-    return importlib.import_module(f'{toolbox}.registry').MODELS
-
-
-def _features(model, x):
-    model.eval()
-    out = model(x)
-    return torch.cat([o.flatten() for o in (out if isinstance(out, (tuple, list)) else [out])])
-
-
 def _plain_kxk_outside_conv_ops(model):
     ops = [n + '.' for n, m in model.named_modules() if n and type(m) is not nn.Conv2d and (
         isinstance(m, ReparamConv2d) or isinstance(m._parameters.get('weight'), nn.Parameter)
@@ -111,7 +100,7 @@ def _save(model, path):
 def test_orepa_form_of_a_toolbox_backbone(case, tmp_path):
     toolbox, config, overrides = CASES[case]
     torch.manual_seed(0)
-    registry = _scope(toolbox)
+    registry = toolbox_registry(toolbox)
     base = base_backbone(toolbox, config, overrides)
     orepa = dict(base, type='OREPA' + base['type'])
     size = 96 if 'dcn' in case else 32  # DCN: the last maps must be as large as its kernel
@@ -127,13 +116,13 @@ def test_orepa_form_of_a_toolbox_backbone(case, tmp_path):
     # fused: loads strictly into the base class built from the same dict, same features
     randomize_network_(model)
     with torch.no_grad(), mmorepa.unfused_eval(model):
-        ref = _features(model, x)
+        ref = eval_features(model, x)
     model.eval()  # mmpretrain's / mmseg's ResNet.train() returns None: no chaining
     fused = mmorepa.reparameterize(model)
     stock = registry.build(base)
     stock.load_state_dict(fused.state_dict(), strict=True)
     with torch.no_grad():
-        assert rel_err(_features(stock, x), ref) <= 1e-5
+        assert rel_err(eval_features(stock, x), ref) <= 1e-5
 
     # the base's stock checkpoint through init_cfg=Pretrained: the stock features, one line a layer
     stock = randomize_network_(registry.build(base))
@@ -145,7 +134,7 @@ def test_orepa_form_of_a_toolbox_backbone(case, tmp_path):
     assert len(lines) == len(_outer_reparam_layers(model))
     assert all('NOT exact' not in m for m in lines)
     with torch.no_grad():
-        assert rel_err(_features(model, x), _features(stock.double(), x.double())) <= 1e-5
+        assert rel_err(eval_features(model, x), eval_features(stock.double(), x.double())) <= 1e-5
 
     # a checkpoint of other OREPA branches: named, layer by layer, with the differing keys
     other = registry.build(dict(orepa, orepa_cfg=OTHER_BRANCHES))
@@ -160,7 +149,7 @@ def test_orepa_form_of_a_toolbox_backbone(case, tmp_path):
 
 def test_deploy_config_and_deploy_true_give_the_base_network():
     from mmorepa.deploy import deploy_config
-    registry = _scope('mmseg')
+    registry = toolbox_registry('mmseg')
     base = base_backbone('mmseg', CASES['mmseg-ResNetV1c'][1])
     cfg = Config(dict(default_scope='mmseg', custom_imports=dict(imports=['mmorepa']),
                       model=dict(type='EncoderDecoder', backbone=dict(
@@ -174,7 +163,7 @@ def test_deploy_config_and_deploy_true_give_the_base_network():
 
 
 def test_kept_plain_convs_are_named_and_bad_requests_fail_in_one_line():
-    registry = _scope('mmpretrain')
+    registry = toolbox_registry('mmpretrain')
     base = base_backbone('mmpretrain', CASES['mmpretrain-ResNet_CIFAR'][1])
     # a conv that cannot be re-parameterized (reflect padding) stays plain, named in one line
     with LogRecords() as log:
@@ -193,10 +182,10 @@ def test_kept_plain_convs_are_named_and_bad_requests_fail_in_one_line():
                 kept=kept)
     assert len(kept) == 1 and 'no BatchNorm after it' in kept[0]
     # the type of another toolbox, a wrong argument, conv_cfg with reparam: one line each
-    _scope('mmdet')
+    toolbox_registry('mmdet')
     with pytest.raises(ValueError, match="mmdet has no backbone 'ResNet_CIFAR'"):
         registry.build(dict(base, type='OREPAResNet_CIFAR'))
-    _scope('mmpretrain')
+    toolbox_registry('mmpretrain')
     with pytest.raises(TypeError, match="ResNet_CIFAR takes no argument 'typo_arg'"):
         registry.build(dict(base, type='OREPAResNet_CIFAR', typo_arg=1))
     with pytest.raises(ValueError, match="conv_cfg=.* both choose the convs"):
@@ -214,7 +203,7 @@ def test_names_resolve_lazily_in_each_scope():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ['[]', 'OREPAResNetV1c', 'OREPAHRNet']
     for toolbox in ('mmpretrain', 'mmdet', 'mmseg'):
-        registry = _scope(toolbox)
+        registry = toolbox_registry(toolbox)
         model = registry.build(dict(type='OREPAHRNet', extra=_HRNET_TINY))
         assert type(model).__mro__[2] is registry.get('HRNet')
         assert type(model).__mro__[2].__module__.startswith(toolbox)

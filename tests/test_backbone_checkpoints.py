@@ -2,38 +2,26 @@
 10, 11, 12): another re-parameterization's checkpoint is named layer by layer, a non-stock
 ``stage_blocks`` model deploys, DBB in Res2Net fuses into the stock Res2Net, a DDP checkpoint
 loads through ``init_cfg=Pretrained`` with a prefix."""
-import importlib
 
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import DefaultScope, init_default_scope
+from mmengine.registry import DefaultScope
 
 import mmorepa
-from mmorepa.deploy import build_model, convert, deploy_config
+from mmorepa.config import build_model
+from mmorepa.deploy import convert, deploy_config
 
-from helpers import LogRecords, randomize_network_, rel_err
+from helpers import LogRecords, eval_features, randomize_network_, rel_err, toolbox_registry
 
 SMALL = dict(depth=50, stem_channels=32, base_channels=16, out_indices=(0, 1, 2, 3))
-
-
-def _scope(toolbox):
-    init_default_scope(toolbox)
-    return importlib.import_module(f'{toolbox}.registry').MODELS
-
-
-def _features(model, x):
-    model.eval()  # mmpretrain's ResNet.train() returns None: no chaining
-    with torch.no_grad():
-        out = model(x)
-    return torch.cat([o.flatten() for o in (out if isinstance(out, (tuple, list)) else [out])])
 
 
 @pytest.mark.parametrize('other', [dict(orepa_cfg=dict(branches=('kxk', '1x1', '1x1_kxk'))),
                                    dict(reparam='dbb')], ids=['other-branches', 'dbb'])
 def test_checkpoint_of_another_reparameterization_is_named(other, tmp_path):
     """Item 5: it used to load with mmengine's generic key list only (output 0.99 off)."""
-    registry = _scope('mmpretrain')
+    registry = toolbox_registry('mmpretrain')
     path = str(tmp_path / 'other.pth')
     torch.save(dict(state_dict=registry.build(dict(type='OREPAResNet', **SMALL, **other))
                     .state_dict()), path)
@@ -86,23 +74,23 @@ def test_dbb_in_res2net_fuses_into_the_stock_res2net(toolbox):
     """Item 11: Res2Net's 3x3 convs sit in ``convs``, their BNs in ``bns`` (a sibling list):
     DBB's bias goes into ``bns[i]`` (it used to end in a raw ValueError)."""
     torch.manual_seed(1)
-    registry = _scope(toolbox)
+    registry = toolbox_registry(toolbox)
     cfg = dict(type='Res2Net', scales=4, base_width=26, **SMALL)
     model = randomize_network_(registry.build(dict(cfg, conv_cfg=dict(type='DBB'))))
     assert isinstance(model.layer1[0].convs[0], mmorepa.DiverseBranchBlock)
     x = torch.randn(1, 3, 32, 32)
-    ref = _features(model, x)
+    ref = eval_features(model, x)
     fused = mmorepa.reparameterize(model)
     stock = registry.build(cfg)
     stock.load_state_dict(fused.state_dict(), strict=True)
-    assert rel_err(_features(stock, x), ref) <= 1e-5
+    assert rel_err(eval_features(stock, x), ref) <= 1e-5
 
 
 def test_ddp_checkpoint_through_pretrained_prefix(tmp_path):
     """Item 12: ``module.backbone.*`` keys with ``prefix='backbone.'`` (it used to raise
     mmengine's raw AssertionError)."""
     torch.manual_seed(2)
-    registry = _scope('mmdet')
+    registry = toolbox_registry('mmdet')
     stock = randomize_network_(registry.build(dict(type='ResNet', **SMALL)))
     path = str(tmp_path / 'ddp.pth')
     torch.save(dict(state_dict={f'module.backbone.{k}': v for k, v in
@@ -112,7 +100,7 @@ def test_ddp_checkpoint_through_pretrained_prefix(tmp_path):
     model.init_weights()
     assert not hasattr(model, '_params_init_info')
     x = torch.randn(1, 3, 32, 32)
-    assert rel_err(_features(model, x), _features(stock, x)) <= 1e-5
+    assert rel_err(eval_features(model, x), eval_features(stock, x)) <= 1e-5
     # a prefix that is in neither form: one line naming it
     model = registry.build(dict(type='OREPAResNet', **SMALL, init_cfg=dict(
         type='Pretrained', checkpoint=path, prefix='neck.')))

@@ -1,19 +1,18 @@
 """OREPAResNet / OREPAVGG are the toolboxes' own networks with OREPA layers swapped in: their
 blocks and keys are the stock ones, every stock option works, and fused they are the stock
 network."""
-import importlib
 
 import pytest
 import torch
 import torch.nn as nn
-from mmengine.registry import DefaultScope, init_default_scope
+from mmengine.registry import DefaultScope
 
 import mmorepa
 from mmorepa.layers import DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv
 from mmorepa.models import OREPAResNet, OREPAVGG
 from mmorepa.models.backbones.orepa_resnet import resnet_conv_cfg
 
-from helpers import randomize_network_, rel_err
+from helpers import randomize_network_, rel_err, toolbox_registry
 
 TOOLBOXES = ['mmpretrain', 'mmdet', 'mmseg']
 SMALL = dict(base_channels=16, stem_channels=16, out_indices=(0, 1, 2, 3))
@@ -40,11 +39,6 @@ CASES = [
 ]
 
 
-def _scope(toolbox):
-    init_default_scope(toolbox)
-    return importlib.import_module(f'{toolbox}.registry').MODELS
-
-
 def _outputs(model, x):
     return torch.cat([o.flatten() for o in model(x)])
 
@@ -62,7 +56,7 @@ def _step(model, x):
                                                         enumerate(CASES)])
 def test_fused_backbone_is_the_stock_network(toolbox, kwargs):
     torch.manual_seed(3)
-    registry = _scope(toolbox)
+    registry = toolbox_registry(toolbox)
     cfg = dict(type='OREPAResNet', **dict(SMALL, **kwargs))
     model = randomize_network_(registry.build(cfg))
     stock_cls = type(registry.build(OREPAResNet.stock_cfg(cfg)))
@@ -86,7 +80,7 @@ def test_fused_backbone_is_the_stock_network(toolbox, kwargs):
 
 def test_dcn_stages_stay_deformable_and_the_rest_is_orepa():
     from mmcv.ops import DeformConv2dPack
-    registry = _scope('mmdet')
+    registry = toolbox_registry('mmdet')
     model = registry.build(dict(type='OREPAResNet', depth=50, **SMALL, **DCN))
     for i, with_dcn in enumerate(DCN['stage_with_dcn']):
         block = getattr(model, f'layer{i + 1}')[0]
@@ -104,7 +98,7 @@ def test_dcn_stages_stay_deformable_and_the_rest_is_orepa():
 def test_one_key_set_across_toolboxes_and_conv_cfg(depth):
     keys = {}
     for toolbox in TOOLBOXES:
-        registry = _scope(toolbox)
+        registry = toolbox_registry(toolbox)
         model = registry.build(dict(type='OREPAResNet', depth=depth, out_indices=(3, )))
         block = model.layer1[0]
         assert type(block).__module__ == f'{toolbox}.models.backbones.resnet'
@@ -118,7 +112,7 @@ def test_one_key_set_across_toolboxes_and_conv_cfg(depth):
 
 
 def test_orepa_resnet_structure_follows_sec_3_5():
-    _scope('mmpretrain')
+    toolbox_registry('mmpretrain')
     r50 = OREPAResNet(50, **SMALL)
     assert isinstance(r50.conv1, OREPALargeConv)
     assert len(r50.conv1.generators) == 3
@@ -144,7 +138,7 @@ def test_orepa_resnet_structure_follows_sec_3_5():
 
 
 def test_frozen_stages_and_norm_eval():
-    _scope('mmdet')
+    toolbox_registry('mmdet')
     model = OREPAResNet(18, frozen_stages=1, norm_eval=True, **SMALL)
     # frozen before train() is ever called: the swapped layers keep the stock requires_grad
     assert not any(p.requires_grad for p in model.conv1.parameters())
@@ -158,7 +152,7 @@ def test_frozen_stages_and_norm_eval():
 
 def test_with_cp_matches():
     torch.manual_seed(0)
-    _scope('mmpretrain')
+    toolbox_registry('mmpretrain')
     a = randomize_network_(OREPAResNet(18, **SMALL))
     b = OREPAResNet(18, with_cp=True, **SMALL)
     b.load_state_dict(a.state_dict())
@@ -179,7 +173,7 @@ def test_deep_stem_loads_into_v1c_v1d(toolbox, stock, avg_down):
     Sequential). avg_down moves the shortcut conv behind a pooling (``downsample.1``), so only
     a V1d takes it; mmdet has no V1c."""
     torch.manual_seed(4)
-    registry = _scope(toolbox)
+    registry = toolbox_registry(toolbox)
     model = randomize_network_(registry.build(dict(
         type='OREPAResNet', depth=50, deep_stem=True, avg_down=avg_down, **SMALL)))
     x = torch.randn(2, 3, 64, 64)
@@ -196,7 +190,7 @@ def test_deep_stem_loads_into_v1c_v1d(toolbox, stock, avg_down):
 @pytest.mark.parametrize('conv_type', ['DiverseBranchBlock', 'DBB'])
 def test_dbb_through_conv_cfg_deploys_into_the_stock_resnet(toolbox, conv_type):
     torch.manual_seed(5)
-    registry = _scope(toolbox)
+    registry = toolbox_registry(toolbox)
     kwargs = dict(depth=18, **SMALL)
     model = randomize_network_(registry.build(dict(type='ResNet', conv_cfg=dict(type=conv_type),
                                                    **kwargs)))
@@ -213,7 +207,7 @@ def test_dbb_through_conv_cfg_deploys_into_the_stock_resnet(toolbox, conv_type):
 
 
 def test_bad_backbone_arguments():
-    _scope('mmpretrain')
+    toolbox_registry('mmpretrain')
     with pytest.raises(ValueError, match="reparam 'rep'"):
         OREPAResNet(18, reparam='rep')
     with pytest.raises(ValueError, match='depth 20'):
@@ -235,7 +229,7 @@ def test_bad_backbone_arguments():
 
 
 def test_conv_cfg_and_reparam_layers_already_built_are_left_alone():
-    _scope('mmdet')
+    toolbox_registry('mmdet')
     with pytest.raises(ValueError, match="conv_cfg=.*'DBB'.*reparam='orepa'"):
         OREPAResNet(18, conv_cfg=dict(type='DBB'))
     # reparam='none' with a conv_cfg: the stock ResNet with that conv_cfg, nothing swapped inside
@@ -250,7 +244,7 @@ def test_conv_cfg_and_reparam_layers_already_built_are_left_alone():
 def test_generated_classes_pickle_across_processes(tmp_path):
     import subprocess
     import sys
-    _scope('mmdet')
+    toolbox_registry('mmdet')
     model = OREPAResNet(18, **SMALL)
     torch.save(model, tmp_path / 'model.pth')
     proc = subprocess.run([sys.executable, '-c', (
@@ -263,21 +257,21 @@ def test_generated_classes_pickle_across_processes(tmp_path):
 
 def test_official_import_configs_deploy(tmp_path):
     from mmorepa.official import model_cfg
-    _scope('mmpretrain')
+    toolbox_registry('mmpretrain')
     cfg = model_cfg(dict(bottleneck=True, stage_blocks=(3, 4, 6, 3), stem_channels=64,
                          base_channels=64, num_classes=10, feat_dim=2048))
     assert OREPAResNet.stock_cfg(cfg['backbone'])['type'] == 'ResNet'
 
 
 def test_stage_blocks_builds_those_blocks():
-    _scope('mmdet')
+    toolbox_registry('mmdet')
     model = OREPAResNet(50, stage_blocks=(1, 2, 1, 1), **SMALL)
     assert [len(getattr(model, f'layer{i}')) for i in range(1, 5)] == [1, 2, 1, 1]
 
 
 def _repvgg_case(reparam):
     torch.manual_seed(1)
-    registry = _scope('mmpretrain')
+    registry = toolbox_registry('mmpretrain')
     cfg = dict(type='OREPAVGG', arch='A0', reparam=reparam, out_indices=(3, ))
     return registry, cfg, randomize_network_(registry.build(cfg))
 
@@ -302,7 +296,7 @@ def test_orepavgg_fuses_into_mmpretrain_repvgg_deploy(reparam):
 
 
 def test_mmpretrain_repvgg_checkpoints_load_into_orepavgg_repvgg():
-    registry = _scope('mmpretrain')
+    registry = toolbox_registry('mmpretrain')
     stock = randomize_network_(registry.build(dict(type='RepVGG', arch='A0')))
     ours = registry.build(dict(type='OREPAVGG', arch='A0', reparam='repvgg'))
     ours.load_state_dict(stock.state_dict(), strict=True)
@@ -320,7 +314,7 @@ def test_stem_lr_fragment_sets_a_tenth():
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     cfg = Config.fromfile('configs/faster_rcnn_orepa_r50_1x_coco.py')
-    registry = _scope('mmdet')
+    registry = toolbox_registry('mmdet')
     backbone = dict(cfg.model.backbone, init_cfg=None, stage_blocks=(1, 1, 1, 1),
                     base_channels=16)
     model = registry.build(dict(cfg.model, backbone=backbone,

@@ -1,4 +1,7 @@
-"""mmengine Runner checkpoints load under torch's weights_only default, and resume."""
+"""Checkpoint I/O: mmengine Runner checkpoints load under torch's weights_only default and
+resume; unreadable checkpoints are named with the reason; a fused (plain) checkpoint loads into
+the training model exactly, or is refused where its layers cannot take it exactly."""
+import argparse
 import pickle
 
 import pytest
@@ -9,6 +12,10 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 import mmorepa  # noqa: F401  (registers the safe globals)
+from helpers import randomize_network_, rel_err
+from mmorepa.checkpoint import load_checkpoint_strict, read_state_dict
+from mmorepa.config import build_model, read_config
+from mmorepa.errors import CheckpointError
 from mmorepa.layers import OREPAConv2d
 
 
@@ -96,3 +103,43 @@ def test_getattr_is_limited_to_history_buffer_methods(tmp_path):
     torch.save({'x': Sneaky()}, path)
     with pytest.raises(pickle.UnpicklingError, match='add_'):
         torch.load(path, weights_only=True)
+
+
+def test_unreadable_checkpoint_reasons(tmp_path):
+    torch.save(argparse.Namespace(lr=0.1), tmp_path / 'pickled_object.pth')
+    with pytest.raises(CheckpointError, match='argparse.Namespace') as e:
+        read_state_dict(tmp_path / 'pickled_object.pth')
+    assert 'False' not in str(e.value)
+    torch.save(dict(state_dict=dict(w=torch.ones(300))), tmp_path / 'good.pth')
+    data = (tmp_path / 'good.pth').read_bytes()
+    (tmp_path / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated.pth: corrupt or truncated'):
+        read_state_dict(tmp_path / 'truncated.pth')
+    assert read_state_dict(tmp_path / 'good.pth')['w'].sum() == 300
+
+
+def test_fused_checkpoint_loads_into_the_training_model_exactly(tiny_model, tiny_fused, tiny_cfg):
+    model = build_model(read_config(tiny_cfg)).eval()
+    load_checkpoint_strict(model, tiny_fused)  # the OREPA layers seed from the plain weights
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), mmorepa.unfused_eval(model), mmorepa.unfused_eval(tiny_model):
+        assert rel_err(model(x, mode='tensor'), tiny_model(x, mode='tensor')) <= 1e-5
+    # a fused checkpoint that does not fit names the key and the deploy config to use
+    state = torch.load(tiny_fused, weights_only=True)
+    state['state_dict']['backbone.extra'] = torch.ones(1)
+    bad = tiny_fused.with_name('extra.pth')
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError, match="'backbone.extra'.*use the deploy config"):
+        load_checkpoint_strict(build_model(read_config(tiny_cfg)), bad)
+
+
+def test_fused_checkpoint_that_seeds_inexactly_is_refused(tiny_cfg, tmp_path):
+    """An 8-channel stem cannot take every plain 7x7 kernel (its 3x3 generators factor one
+    exactly only from 27 channels on): loading would change what the model computes."""
+    cfg = read_config(tiny_cfg, {'model.backbone.stem_channels': 8})
+    model = randomize_network_(build_model(cfg), torch.Generator().manual_seed(2)).eval()
+    path = tmp_path / 'fused.pth'
+    torch.save(dict(state_dict=mmorepa.reparameterize(model).state_dict(),
+                    meta=dict(mmorepa_fused_from='x.pth')), path)
+    with pytest.raises(CheckpointError, match=r'backbone\.conv1 .*exactly.*use the deploy config'):
+        load_checkpoint_strict(build_model(cfg), path)

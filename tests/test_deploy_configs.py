@@ -7,7 +7,9 @@ import pytest
 from mmengine.config import Config
 
 import mmorepa
-from mmorepa.deploy import build_model, check_state_dict_fits, deploy_config
+from mmorepa.checkpoint import check_state_dict_fits
+from mmorepa.config import build_model
+from mmorepa.deploy import deploy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = sorted((ROOT / 'configs' / 'deploy').glob('*.py'))

@@ -12,7 +12,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope, init_default_scope
 
 import mmorepa
-from mmorepa.deploy import build_model
+from mmorepa.config import build_model
 
 from helpers import LogRecords, randomize_network_, rel_err
 from test_toolbox_models import _det_data

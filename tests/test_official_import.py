@@ -8,7 +8,8 @@ import torch
 from mmengine.registry import init_default_scope
 
 import mmorepa
-from mmorepa.deploy import CheckpointError, load_checkpoint_strict
+from mmorepa.checkpoint import load_checkpoint_strict
+from mmorepa.errors import CheckpointError
 from mmorepa.official import convert_state_dict
 
 from helpers import rel_err

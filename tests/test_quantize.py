@@ -39,8 +39,8 @@ def tiny(tmp_path_factory):
     opts = [f'{k}={v}' for k, v in TINY.items()]
     opts += [f'{k}_dataloader.dataset.data_root={data}/cls' for k in ('train', 'val', 'test')]
     opts += ['train_dataloader.batch_size=12']
-    cfg = mmorepa.runtime.read_config(CLS_CFG, TINY)
-    model = randomize_network_(mmorepa.deploy.build_model(cfg), torch.Generator().manual_seed(0))
+    cfg = mmorepa.config.read_config(CLS_CFG, TINY)
+    model = randomize_network_(mmorepa.config.build_model(cfg), torch.Generator().manual_seed(0))
     ckpt = base / 'tiny.pth'
     torch.save({'state_dict': model.state_dict()}, ckpt)
     return base, ckpt, opts
@@ -148,10 +148,10 @@ def _tiny_fused_classifier(tiny):
     from mmengine.runner import Runner
     base, ckpt, opts = tiny
     data = {o.split('=')[0]: o.split('=')[1] for o in opts if 'data_root' in o}
-    cfg = mmorepa.runtime.read_config(CLS_CFG, dict(TINY, **data))
+    cfg = mmorepa.config.read_config(CLS_CFG, dict(TINY, **data))
     cfg.model.data_preprocessor = dict(cfg.data_preprocessor)
     cfg.test_dataloader.batch_size = 3  # 8 images: batches of 3, 3 and 2
-    model = mmorepa.deploy.build_model(cfg)
+    model = mmorepa.config.build_model(cfg)
     model.load_state_dict(torch.load(ckpt)['state_dict'])
     model = mmorepa.reparameterize(model).eval()
     loader = Runner.build_dataloader(cfg.test_dataloader)
@@ -313,9 +313,9 @@ def test_fake_quant_trains_on_the_int8_grid_with_straight_through_gradients():
     assert net.conv.pair_route(x[:, :1].expand(-1, 8, -1, -1)) == 'kernel'
     with pytest.raises(ValueError, match='route'):
         OREPAConv2d(8, 8, 3, route='feature', fake_quant_bits=8)
-    cfg = mmorepa.runtime.read_config(CLS_CFG, dict(TINY, **{
+    cfg = mmorepa.config.read_config(CLS_CFG, dict(TINY, **{
         'model.backbone.orepa_cfg': dict(fake_quant_bits=8)}))
-    model = mmorepa.deploy.build_model(cfg)
+    model = mmorepa.config.build_model(cfg)
     reparam = [m for m in model.modules() if isinstance(m, mmorepa.layers.ReparamConv2d)]
     generators = {g for m in reparam if isinstance(m, OREPALargeConv) for g in m.generators}
     assert len(reparam) - len(generators) == 17 and generators  # the stem, 16 3x3 convs

@@ -1,26 +1,21 @@
 """OREPA training started from a stock checkpoint, exactly: every OREPA layer takes the plain
 conv's weight (its squeezed kernel equals it), so the OREPA model computes the stock model's
 function; no branch is dead (two SGD steps move every parameter)."""
-import importlib
 
 import pytest
 import torch
 import torch.nn as nn
-from mmengine.registry import DefaultScope, init_default_scope
+from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
 
 import mmorepa
 from mmorepa.layers import OREPAConv1x1, OREPAConv2d, OREPALargeConv, ReparamConv2d
 
-from helpers import LogRecords, randomize_, randomize_network_, rel_err
+from helpers import (LogRecords, eval_features, randomize_, randomize_network_, rel_err,
+                     toolbox_registry)
 
 TOOLBOXES = ['mmpretrain', 'mmdet', 'mmseg']
 ALL_STAGES = dict(out_indices=(0, 1, 2, 3))
-
-
-def _scope(toolbox):
-    init_default_scope(toolbox)
-    return importlib.import_module(f'{toolbox}.registry').MODELS
 
 
 def _save(model, path):
@@ -33,16 +28,11 @@ def _eval(model):
     return model
 
 
-def _features(model, x):
-    out = model(x)
-    return torch.cat([o.flatten() for o in (out if isinstance(out, (tuple, list)) else [out])])
-
-
 def _stock_reference(stock, x):
     """The stock model's features in float64 (plain convs: independent of OREPA's code)."""
     ref = _eval(stock.double())
     with torch.no_grad():
-        out = _features(ref, x.double())
+        out = eval_features(ref, x.double())
     stock.float()
     return out
 
@@ -71,7 +61,7 @@ def _assert_seeded_every_layer(model, log):
 @pytest.mark.parametrize('depth', [18, 50])
 def test_stock_checkpoint_seeds_orepa_resnet_exactly(toolbox, depth, tmp_path):
     torch.manual_seed(depth)
-    registry = _scope(toolbox)
+    registry = toolbox_registry(toolbox)
     stock = randomize_network_(registry.build(dict(type='ResNet', depth=depth, **ALL_STAGES)))
     path = _save(stock, tmp_path / 'stock.pth')
     model = registry.build(dict(type='OREPAResNet', depth=depth, **ALL_STAGES,
@@ -83,9 +73,9 @@ def test_stock_checkpoint_seeds_orepa_resnet_exactly(toolbox, depth, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     ref = _stock_reference(stock, x)
     with torch.no_grad():
-        assert rel_err(_features(_eval(model), x), ref) <= 1e-5
+        assert rel_err(eval_features(_eval(model), x), ref) <= 1e-5
         with mmorepa.unfused_eval(model):  # squeeze -> conv -> norm on feature maps
-            assert rel_err(_features(model, x), ref) <= 1e-5
+            assert rel_err(eval_features(model, x), ref) <= 1e-5
     _two_steps_move_every_parameter(model, x)
 
 
@@ -93,7 +83,7 @@ def _stock_classifier(seed):
     """An mmpretrain ImageClassifier with a stock ResNet-50 (random weights, BN statistics): a
     stand-in for mmpretrain's resnet50_8xb32_in1k."""
     torch.manual_seed(seed)
-    return randomize_network_(_scope('mmpretrain').build(dict(
+    return randomize_network_(toolbox_registry('mmpretrain').build(dict(
         type='ImageClassifier', backbone=dict(type='ResNet', depth=50),
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=1000, in_channels=2048))))
@@ -102,7 +92,7 @@ def _stock_classifier(seed):
 def test_classifier_checkpoint_seeds_a_detector_backbone_with_prefix(tmp_path):
     classifier = _stock_classifier(2)
     path = _save(classifier, tmp_path / 'classifier.pth')
-    registry = _scope('mmdet')
+    registry = toolbox_registry('mmdet')
     backbone = registry.build(dict(type='OREPAResNet', depth=50, init_cfg=dict(
         type='Pretrained', checkpoint=path, prefix='backbone.')))
     with LogRecords() as log:
@@ -133,7 +123,7 @@ def test_stock_start_configs_seed_every_layer(config, stock_classifier_checkpoin
     cfg = Config.fromfile(f'configs/{config}')
     assert cfg.model.backbone.init_cfg.checkpoint.endswith('resnet50_8xb32_in1k_20210831-ea4938fc.pth')
     init_cfg = dict(cfg.model.backbone.init_cfg, checkpoint=stock_classifier_checkpoint)
-    registry = _scope(cfg.default_scope)
+    registry = toolbox_registry(cfg.default_scope)
     model = registry.build(dict(cfg.model.backbone, init_cfg=init_cfg))
     with LogRecords() as log:
         model.init_weights()
@@ -144,7 +134,7 @@ def test_stock_start_configs_seed_every_layer(config, stock_classifier_checkpoin
     x = torch.randn(1, 3, 64, 64)
     ref = _stock_reference(stock, x)
     with torch.no_grad():
-        assert rel_err(_features(_eval(model), x), ref) <= 1e-5
+        assert rel_err(eval_features(_eval(model), x), ref) <= 1e-5
 
 
 def test_stock_repvgg_seeds_orepavgg(tmp_path):
@@ -152,7 +142,7 @@ def test_stock_repvgg_seeds_orepavgg(tmp_path):
     ``init_cfg`` down to every block, so a backbone-level Pretrained init does not fit even the
     stock RepVGG; a classifier-level one, or load_from, does."""
     torch.manual_seed(3)
-    registry = _scope('mmpretrain')
+    registry = toolbox_registry('mmpretrain')
     stock = randomize_network_(registry.build(dict(type='RepVGG', arch='A0')))
     path = _save(stock, tmp_path / 'repvgg.pth')
     model = registry.build(dict(type='OREPAVGG', arch='A0', reparam='orepa'))
@@ -162,14 +152,14 @@ def test_stock_repvgg_seeds_orepavgg(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     ref = _stock_reference(stock, x)
     with torch.no_grad():
-        assert rel_err(_features(_eval(model), x), ref) <= 1e-5
+        assert rel_err(eval_features(_eval(model), x), ref) <= 1e-5
     _two_steps_move_every_parameter(model, x)
 
 
 def test_fused_deploy_checkpoint_resumes_orepa_training(tmp_path):
     """load_from / mmengine's load_checkpoint of a fused (stock) checkpoint: same function."""
     torch.manual_seed(4)
-    registry = _scope('mmdet')
+    registry = toolbox_registry('mmdet')
     trained = _eval(randomize_network_(registry.build(dict(type='OREPAResNet', depth=18,
                                                            **ALL_STAGES))))
     fused = mmorepa.reparameterize(trained)
@@ -181,7 +171,7 @@ def test_fused_deploy_checkpoint_resumes_orepa_training(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     ref = _stock_reference(fused, x)
     with torch.no_grad():
-        assert rel_err(_features(_eval(model), x), ref) <= 1e-5
+        assert rel_err(eval_features(_eval(model), x), ref) <= 1e-5
 
 
 @pytest.mark.parametrize('make', [
@@ -240,7 +230,7 @@ def test_layers_that_cannot_be_seeded_report_it_and_do_not_stop_the_load():
 
 
 def test_other_models_checkpoints_are_never_half_loaded_silently(tmp_path):
-    registry = _scope('mmpretrain')
+    registry = toolbox_registry('mmpretrain')
     r50 = _save(registry.build(dict(type='ResNet', depth=50)), tmp_path / 'r50.pth')
     model = registry.build(dict(type='OREPAResNet', depth=18,
                                 init_cfg=dict(type='Pretrained', checkpoint=r50)))

@@ -10,7 +10,8 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.structures import PixelData
 
 import mmorepa
-from mmorepa.deploy import build_model, deploy_config
+from mmorepa.config import build_model
+from mmorepa.deploy import deploy_config
 
 from helpers import randomize_network_, rel_err
 

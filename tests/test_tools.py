@@ -1,5 +1,7 @@
 """The tools end to end: the main job (--quick), test --deploy, deploy_convert's refusals,
-distributed training (2 processes, gloo), and kill-then-resume equivalence."""
+distributed training (2 processes, gloo), kill-then-resume equivalence, ONNX export of the demo
+models, configs without ``default_scope``, and the demo config under mmpretrain's own train
+script."""
 import json
 import os
 import signal
@@ -12,18 +14,14 @@ import pytest
 import torch
 
 import mmorepa  # noqa: F401  (mmengine checkpoints load under weights_only=True)
+from helpers import ROOT, randomize_network_, run_python, shapes_train_options
+from mmorepa.config import build_model, read_config
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CLS_CFG = 'configs/demo/orepa_r18_shapes_cls.py'
-
-
-def _run(args, check=True, **kw):
-    proc = subprocess.run([PY] + [str(a) for a in args], cwd=ROOT, capture_output=True,
-                          text=True, **kw)
-    if check and proc.returncode:
-        raise AssertionError(f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
+SHAPE = ['--input-shape', '1', '3', '32', '32']
+MMPRETRAIN_TRAIN = Path(sys.prefix) / 'lib' / f'python{sys.version_info.major}.' \
+    f'{sys.version_info.minor}' / 'site-packages' / 'mmpretrain' / '.mim' / 'tools' / 'train.py'
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +29,7 @@ def demo(tmp_path_factory):
     """One quick run of the main job: all three toolboxes, train -> test -> fuse -> test."""
     base = tmp_path_factory.mktemp('demo')
     data, work = base / 'data', base / 'work'
-    _run(['tools/demo.py', '--quick', '--work-dir', work, '--data-root', data])
+    run_python(['tools/demo.py', '--quick', '--work-dir', work, '--data-root', data], check=True)
     return data, work
 
 
@@ -54,10 +52,10 @@ def test_test_deploy_flag_gives_the_same_metrics(demo, tmp_path):
     opts = ['--cfg-options', f'test_dataloader.dataset.data_root={data}/cls']
     plain = tmp_path / 'plain.json'
     fused = tmp_path / 'fused.json'
-    _run(['tools/test.py', CLS_CFG, ckpt, '--work-dir', tmp_path / 'a', '--out', plain] + opts,
-         preexec_fn=lambda: os.umask(0o022))
-    _run(['tools/test.py', CLS_CFG, ckpt, '--deploy', '--work-dir', tmp_path / 'b', '--out',
-          fused] + opts, preexec_fn=lambda: os.umask(0o022))
+    run_python(['tools/test.py', CLS_CFG, ckpt, '--work-dir', tmp_path / 'a', '--out', plain] +
+               opts, check=True, umask=0o022)
+    run_python(['tools/test.py', CLS_CFG, ckpt, '--deploy', '--work-dir', tmp_path / 'b', '--out',
+                fused] + opts, check=True, umask=0o022)
     assert json.loads(plain.read_text()) == json.loads(fused.read_text())
     # readable by a serving process of another user: the umask's 0644, not a temporary 0600
     assert plain.stat().st_mode & 0o777 == fused.stat().st_mode & 0o777 == 0o644
@@ -67,24 +65,24 @@ def test_deploy_convert_refusals(demo, tmp_path):
     _, work = demo
     ckpt = Path((work / 'classification' / 'train' / 'last_checkpoint').read_text().strip())
     before = ckpt.read_bytes()
-    proc = _run(['tools/deploy_convert.py', CLS_CFG, ckpt, ckpt], check=False)
+    proc = run_python(['tools/deploy_convert.py', CLS_CFG, ckpt, ckpt])
     assert proc.returncode and 'refusing to overwrite' in proc.stderr
     assert 'Traceback' not in proc.stderr
     assert ckpt.read_bytes() == before
     # a detector checkpoint for the classifier config: the first bad key is named (the backbone,
     # the same OREPA-ResNet-18 in both, fits key for key: the detector's neck does not)
     det_ckpt = (work / 'detection' / 'train' / 'last_checkpoint').read_text().strip()
-    proc = _run(['tools/deploy_convert.py', CLS_CFG, det_ckpt, tmp_path / 'x.pth'], check=False)
+    proc = run_python(['tools/deploy_convert.py', CLS_CFG, det_ckpt, tmp_path / 'x.pth'])
     assert proc.returncode and "unexpected key 'neck.lateral_convs.0.conv.weight'" in proc.stderr
     assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'x.pth').exists()
-    proc = _run(['tools/deploy_convert.py', CLS_CFG, tmp_path / 'none.pth', tmp_path / 'x.pth'],
-                check=False)
+    proc = run_python(['tools/deploy_convert.py', CLS_CFG, tmp_path / 'none.pth',
+                       tmp_path / 'x.pth'])
     assert proc.returncode and 'checkpoint not found' in proc.stderr
     assert 'Traceback' not in proc.stderr
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(before[:len(before) // 2])
-    proc = _run(['tools/deploy_convert.py', CLS_CFG, truncated, tmp_path / 'x.pth'], check=False)
+    proc = run_python(['tools/deploy_convert.py', CLS_CFG, truncated, tmp_path / 'x.pth'])
     assert proc.returncode and f'cannot read checkpoint {truncated}' in proc.stderr
     assert 'Traceback' not in proc.stderr
     assert 'weights_only' not in proc.stderr.replace('weights_only=True', '')
@@ -113,7 +111,7 @@ def _weights(path):
 def test_killed_and_resumed_run_ends_with_the_same_weights(demo, tmp_path):
     data, _ = demo
     cfg = _tiny_cls_config(tmp_path, data)
-    _run(['tools/train.py', cfg, '--work-dir', tmp_path / 'full'])
+    run_python(['tools/train.py', cfg, '--work-dir', tmp_path / 'full'], check=True)
     # start the same run, kill it (SIGKILL) once the first checkpoint is complete
     wd = tmp_path / 'killed'
     proc = subprocess.Popen([PY, 'tools/train.py', str(cfg), '--work-dir', str(wd)], cwd=ROOT,
@@ -126,7 +124,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(demo, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
     assert not (wd / 'epoch_3.pth').exists()
-    _run(['tools/train.py', cfg, '--work-dir', wd, '--resume'])
+    run_python(['tools/train.py', cfg, '--work-dir', wd, '--resume'], check=True)
     full, resumed = _weights(tmp_path / 'full' / 'epoch_3.pth'), _weights(wd / 'epoch_3.pth')
     assert set(full) == set(resumed)
     for k in full:
@@ -160,7 +158,8 @@ def test_export_onnx_matches_onnxruntime(demo, tmp_path, task, config):
     _, work = demo
     ckpt = (work / task / 'train' / 'last_checkpoint').read_text().strip()
     out = tmp_path / 'model.onnx'
-    proc = _run(['tools/export_onnx.py', config, ckpt, out, '--input-shape', '1', '3', '64', '64'])
+    proc = run_python(['tools/export_onnx.py', config, ckpt, out, '--input-shape', '1', '3', '64',
+                       '64'], check=True)
     assert 'onnxruntime at 1x3x64x64, 2x3x96x96' in proc.stdout  # dynamic batch and image size
     err = float(proc.stdout.split('relative error:')[1].split()[0])
     assert out.stat().st_size > 10000 and err <= 1e-5
@@ -168,3 +167,49 @@ def test_export_onnx_matches_onnxruntime(demo, tmp_path, task, config):
     graph = onnx.load(str(out)).graph
     assert not any('OREPA' in n.name for n in graph.node)
     assert sum(n.op_type == 'Conv' for n in graph.node) >= 17  # plain convs only
+
+
+NO_SCOPE = '''custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
+model = dict(
+    type='{kind}',
+    backbone=dict(type='OREPAResNet', depth=18, base_channels=8, stem_channels=8),
+    neck=dict(type='mmpretrain.GlobalAveragePooling'),
+    head=dict(type='mmpretrain.LinearClsHead', num_classes=3, in_channels=64,
+              loss=dict(type='mmpretrain.CrossEntropyLoss')))
+'''
+
+
+def test_config_without_default_scope(tmp_path, tool_ok, tool_fails):
+    """Fully qualified types instead of ``default_scope``; ``--cfg-options`` in export_onnx."""
+    pytest.importorskip('onnxruntime')
+    cfg = tmp_path / 'no_scope.py'
+    cfg.write_text(NO_SCOPE.format(kind='mmpretrain.ImageClassifier'))
+    model = build_model(read_config(cfg, {'model.head.num_classes': 4}))
+    ckpt = tmp_path / 'four_classes.pth'
+    torch.save(dict(state_dict=randomize_network_(model).state_dict()), ckpt)
+    four = ['--cfg-options', 'model.head.num_classes=4']
+    _, _, err = tool_ok('deploy_convert', cfg, ckpt, tmp_path / 'fused.pth', *SHAPE, *four)
+    assert err <= 1e-5
+    _, err = tool_ok('export_onnx', cfg, ckpt, tmp_path / 'm.onnx', *SHAPE, *four)
+    assert err <= 1e-5
+    # without the option the checkpoint does not fit: export_onnx did apply it above
+    tool_fails('export_onnx', [cfg, ckpt, tmp_path / 'n.onnx'] + SHAPE, 'head.fc.weight')
+    tool_fails('export_onnx', [cfg, ckpt, tmp_path / 'n.onnx', '--cfg-options',
+                               'model.backbone.typo_arg=1'], 'typo_arg')
+    # neither a default_scope nor a qualified type: the type is named
+    cfg.write_text(NO_SCOPE.format(kind='ImageClassifier'))
+    tool_fails('deploy_convert', [cfg, ckpt, tmp_path / 'x.pth'], 'ImageClassifier')
+    assert not (tmp_path / 'x.pth').exists() and not (tmp_path / 'n.onnx').exists()
+
+
+@pytest.mark.skipif(not MMPRETRAIN_TRAIN.is_file(), reason='mmpretrain ships no tools/train.py')
+def test_demo_config_runs_under_mmpretrains_own_train_script(tmp_path, shapes_data):
+    work = tmp_path / 'mmpretrain_train'
+    proc = run_python([MMPRETRAIN_TRAIN, ROOT / CLS_CFG, '--work-dir', work, '--cfg-options'] +
+                      shapes_train_options(shapes_data) + ['train_cfg.max_epochs=1'],
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = next(work.glob('*/*.log')).read_text()
+    assert 'Epoch(train) [1][2/2]' in log
+    state = torch.load(work / 'epoch_1.pth', weights_only=True)['state_dict']
+    assert any(k.endswith('.weight_kxk') for k in state)  # OREPA layers, through custom_imports

@@ -17,9 +17,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
-from mmorepa.deploy import atomic_write, check_state_dict_fits, read_state_dict  # noqa: E402
+from mmorepa.checkpoint import check_state_dict_fits, read_state_dict  # noqa: E402
+from mmorepa.cli import run_tool  # noqa: E402
+from mmorepa.fileio import atomic_write, check_input_file, check_output_file  # noqa: E402
 from mmorepa.official import convert_state_dict, model_cfg  # noqa: E402
-from mmorepa.runtime import check_input_file, check_output_file, run_tool  # noqa: E402
 
 
 def convert(src, dst):

@@ -179,5 +179,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    from mmorepa.runtime import run_tool  # a data root we may not use: one line, exit status 1
+    from mmorepa.cli import run_tool  # a data root we may not use: one line, exit status 1
     run_tool(main)

@@ -19,8 +19,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
+from mmorepa.cli import run_tool  # noqa: E402
 from mmorepa.deploy import convert  # noqa: E402
-from mmorepa.runtime import run_tool  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -31,7 +31,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -39,12 +38,11 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
-import mmorepa  # noqa: E402
-from export_onnx import export  # noqa: E402
 from mmorepa import quantization as Q  # noqa: E402
-from mmorepa.deploy import atomic_write, load_checkpoint_strict  # noqa: E402
-from mmorepa.runtime import (ToolError, build_runner, check_input_file,  # noqa: E402
-                             check_input_shape, check_output_file, load_config, run_tool)
+from mmorepa.cli import ToolError, build_runner, load_config, run_tool, runner_model  # noqa: E402
+from mmorepa.deploy import check_input_shape  # noqa: E402
+from mmorepa.export import export, is_classifier  # noqa: E402
+from mmorepa.fileio import atomic_write, check_input_file, check_output_file  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,17 +102,12 @@ def check_args(args):
 
 def fused_model_runner(args, checkpoint):
     """The config, its Runner and the Runner's model loaded from ``checkpoint`` and fused (in
-    eval mode). The Runner only builds: its loops never run, so it loads nothing over the
-    weights. Without --verbose its logger shows warnings and errors only."""
+    eval mode). Without --verbose the Runner's logger shows warnings and errors only."""
     cfg = load_config(args.config, 'none', args.cfg_options, args.work_dir)
-    cfg.load_from, cfg.resume = None, False
     if not args.verbose:
         cfg.log_level = 'WARNING'
-    runner = build_runner(cfg)
-    model = runner.model.module if hasattr(runner.model, 'module') else runner.model
-    load_checkpoint_strict(model, checkpoint)
-    mmorepa.reparameterize(model, inplace=True)
-    return cfg, runner, model.eval()
+    runner = build_runner(cfg, checkpoint, fuse=True)
+    return cfg, runner, runner_model(runner).eval()
 
 
 def progress(items, total: int, what: str, verbose: bool):
@@ -163,13 +156,6 @@ def calibrate(args, cfg, runner, model, checkpoint, output):
     del first
     calibration = dict(method=args.calib_method, batches=len(counts), images=sum(counts))
     return fp32, onnx.load(str(output)), export_err, calibration
-
-
-def is_classifier(model) -> bool:
-    """Whether ``model`` is exported end to end (a classifier's logits) rather than as its
-    features (detectors, segmentors: tools/export_onnx.py)."""
-    return hasattr(model, 'head') and not any(
-        hasattr(model, h) for h in ('decode_head', 'rpn_head', 'bbox_head'))
 
 
 def evaluate(args, cfg, runner, model, output, fp32, qdq):

@@ -20,7 +20,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-import mmorepa  # noqa: E402
+from mmorepa import cli  # noqa: E402  (importing mmorepa registers OREPA layers and backbones)
+from mmorepa.fileio import atomic_write, check_input_file, check_output_file  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,24 +45,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = mmorepa.runtime
-    runtime.check_input_file(args.checkpoint, 'checkpoint')
+    check_input_file(args.checkpoint, 'checkpoint')
     if args.out:
-        runtime.check_output_file(args.out, (args.config, args.checkpoint), '--out file')
-    cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
-    cfg.load_from = None
-    cfg.resume = False
-    runtime.check_model_builds(cfg, args.config)
-    runner = runtime.build_runner(cfg)
-    model = runner.model.module if hasattr(runner.model, 'module') else runner.model
-    mmorepa.deploy.load_checkpoint_strict(model, args.checkpoint)
-    if args.deploy:
-        mmorepa.reparameterize(model, inplace=True)
-    runner._has_loaded = True  # the checkpoint is in (and possibly fused): no reload
+        check_output_file(args.out, (args.config, args.checkpoint), '--out file')
+    cfg = cli.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
+    cli.check_model_builds(cfg, args.config)
+    runner = cli.build_runner(cfg, args.checkpoint, fuse=args.deploy)
     metrics = runner.test()
     if args.out:
         metrics = {k: as_json(v) for k, v in metrics.items()}
-        mmorepa.deploy.atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(metrics)))
+        atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(metrics)))
     return metrics
 
 
@@ -80,4 +73,4 @@ def as_json(value):
 
 
 if __name__ == '__main__':
-    mmorepa.runtime.run_tool(main)
+    cli.run_tool(main)

@@ -4,7 +4,7 @@
                           [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
 ``--amp`` trains in mixed precision: mmengine's ``AmpOptimWrapper`` on a GPU, bfloat16 autocast
-(``mmorepa.runtime.CPUAutocastOptimWrapper``) on the CPU; OREPA kernels are computed in float32
+(``mmorepa.amp.CPUAutocastOptimWrapper``) on the CPU; OREPA kernels are computed in float32
 either way. Arguments, the work dir and the model (built once before the Runner) are checked
 first; an expected failure is one line on stderr and exit status 1.
 """
@@ -18,7 +18,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-import mmorepa  # noqa: E402  (registers OREPA layers and backbones)
+from mmorepa import cli  # noqa: E402  (importing mmorepa registers OREPA layers and backbones)
+from mmorepa.amp import amp_optim_wrapper  # noqa: E402
+from mmorepa.fileio import check_input_file  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,16 +45,15 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args) -> Config:
-    runtime = mmorepa.runtime
     if args.resume not in (None, 'auto'):
-        runtime.check_input_file(args.resume, 'checkpoint to resume from')
-    cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
+        check_input_file(args.resume, 'checkpoint to resume from')
+    cfg = cli.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cuda = torch.cuda.is_available()
     if args.amp and cfg.get('optim_wrapper') is None:
-        raise mmorepa.runtime.ToolError(f'--amp: {args.config} has no optim_wrapper')
+        raise cli.ToolError(f'--amp: {args.config} has no optim_wrapper')
     asks_amp = cfg.get('optim_wrapper', {}).get('type') == 'AmpOptimWrapper'
     if args.amp or (asks_amp and not cuda):
-        cfg.optim_wrapper = runtime.amp_optim_wrapper(cfg.optim_wrapper, cuda)
+        cfg.optim_wrapper = amp_optim_wrapper(cfg.optim_wrapper, cuda)
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -65,11 +66,11 @@ def setup_cfg(args) -> Config:
 def main(argv=None):
     args = parse_args(argv)
     cfg = setup_cfg(args)
-    mmorepa.runtime.check_model_builds(cfg, args.config)
-    runner = mmorepa.runtime.build_runner(cfg)
+    cli.check_model_builds(cfg, args.config)
+    runner = cli.build_runner(cfg)
     runner.train()
     return runner
 
 
 if __name__ == '__main__':
-    mmorepa.runtime.run_tool(main)
+    cli.run_tool(main)

@@ -23,6 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import PathError
+
 CLASSES = ('circle', 'square', 'triangle')
 _DONE = '.complete'
 _GENERATED = {_DONE, 'cls', 'det', 'seg'}
@@ -108,21 +110,20 @@ def _marker(root: Path):
 
 def _check_replaceable(root: Path) -> None:
     """``root`` may be (re)generated: it does not exist, is an empty folder, or holds a data set
-    generated here and nothing else. Else :class:`ToolError` naming it (nothing is deleted)."""
-    from ..runtime import ToolError
+    generated here and nothing else. Else :class:`PathError` naming it (nothing is deleted)."""
     if not root.exists():
         return
     if not root.is_dir():
-        raise ToolError(f'data root {root} is not a directory')
+        raise PathError(f'data root {root} is not a directory')
     entries = {p.name for p in root.iterdir()}
     if not entries:
         return
     if _marker(root) is None:
-        raise ToolError(f'data root {root} is not empty and holds no generated shapes data set '
+        raise PathError(f'data root {root} is not empty and holds no generated shapes data set '
                         f'(no {_DONE} marker): choose a new or empty folder')
     foreign = sorted(entries - _GENERATED)
     if foreign:
-        raise ToolError(f'data root {root} holds {root / foreign[0]}, which was not generated '
+        raise PathError(f'data root {root} holds {root / foreign[0]}, which was not generated '
                         'here: move it, or choose a new or empty folder')
 
 

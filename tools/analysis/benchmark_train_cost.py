@@ -162,15 +162,9 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(spec: dict) -> dict:
-    """Measure one variant (runs in its own process)."""
-    import torch
-    import torch.nn.functional as F
-    torch.set_num_threads(spec['threads'])
-    torch.manual_seed(0)
-    cuda = spec['device'] == 'cuda'
-    device = torch.device(spec['device'])
-    base_rss = _rss_mb()
+def _build(spec: dict, device):
+    """The model of ``spec`` on ``device`` and its number of classes; a regime also fixes
+    ``spec``'s batch size and input size."""
     classes = 1000
     if spec.get('regime'):
         model, spec['batch_size'], spec['input_size'], classes = build_regime_model(
@@ -180,21 +174,17 @@ def worker(spec: dict) -> dict:
         model = build_model(spec['arch'], spec['reparam'], spec.get('orepa_cfg')).to(device)
     if spec.get('squeeze', 'function') == 'autograd':  # the squeeze before the autograd node
         from mmorepa import kernels
+        from mmorepa.layers import OREPAConv1x1, OREPAConv2d
         for m in model.modules():
-            if hasattr(m, 'squeeze_fn'):
+            if isinstance(m, (OREPAConv1x1, OREPAConv2d)):
                 m.squeeze_fn = kernels.squeeze_reference
-    b, s = spec['batch_size'], spec['input_size']
-    x = torch.randn(b, 3, s, s, device=device)
-    y = torch.randint(0, classes, (b, ), device=device)
-    model.eval()
-    with torch.no_grad():
-        model(x[:1])  # materialise the lazy head
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    params = sum(p.numel() for p in model.parameters())
+    return model, classes
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+
+def _timer(cuda: bool):
+    """``timed(fn, n, cpu_times=None)``: the seconds of each of ``n`` calls of ``fn`` (CUDA events
+    on a GPU; wall clock on the CPU, with the process's CPU time per call in ``cpu_times``)."""
+    import torch
 
     def timed(fn, n, cpu_times=None):
         times = []
@@ -214,7 +204,43 @@ def worker(spec: dict) -> dict:
                 if cpu_times is not None:
                     cpu_times.append(time.process_time() - c)
         return times
+    return timed
 
+
+def _time_eval(model, x, steps: int, timed) -> dict:
+    """Median eval-mode forward time of the un-fused ``model`` (its kernel cache filled) and of
+    its fused copy."""
+    import mmorepa
+    import torch
+    model.eval()
+    with torch.no_grad():
+        fused = mmorepa.reparameterize(model)
+        model(x)  # fill the kernel cache
+        unfused_t = timed(lambda: model(x), steps)
+        fused_t = timed(lambda: fused(x), steps)
+    return dict(eval_unfused_s=statistics.median(unfused_t),
+                eval_fused_s=statistics.median(fused_t))
+
+
+def worker(spec: dict) -> dict:
+    """Measure one variant (runs in its own process)."""
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(spec['threads'])
+    torch.manual_seed(0)
+    cuda = spec['device'] == 'cuda'
+    device = torch.device(spec['device'])
+    base_rss = _rss_mb()
+    model, classes = _build(spec, device)
+    b, s = spec['batch_size'], spec['input_size']
+    x = torch.randn(b, 3, s, s, device=device)
+    y = torch.randint(0, classes, (b, ), device=device)
+    model.eval()
+    with torch.no_grad():
+        model(x[:1])  # materialise the lazy head
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    params = sum(p.numel() for p in model.parameters())
+    timed = _timer(cuda)
     run = (torch.compile(model, options=spec.get('compile_options') or None)
            if spec.get('compile') else model)
 
@@ -229,7 +255,8 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     cpu_times = []
     times = timed(step, spec['steps'], cpu_times)
-    sync()
+    if cuda:
+        torch.cuda.synchronize()
     out = dict(spec, params=params, step_times=times,
                step_s=statistics.median(times) if times else float('nan'))
     if cpu_times:  # CPU time of the process: what the step costs, whatever else runs
@@ -244,16 +271,8 @@ def worker(spec: dict) -> dict:
     out.update(count_step(model, x, y))  # after the timed steps (eager): no effect on them
     out['routes'] = _routes(model, x)
     if spec.get('eval'):
-        import mmorepa
-        model.eval()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            fused = mmorepa.reparameterize(model)
-            model(x)  # fill the kernel cache
-            unfused_t = timed(lambda: model(x), spec['steps'])
-            fused_t = timed(lambda: fused(x), spec['steps'])
-        out['eval_unfused_s'] = statistics.median(unfused_t)
-        out['eval_fused_s'] = statistics.median(fused_t)
+        out.update(_time_eval(model, x, spec['steps'], timed))
     return out
 
 
@@ -274,15 +293,14 @@ def profile_steps(step, n: int, rows: int = 15) -> str:
 
 def _routes(model, x) -> dict:
     """How many OREPA layers take each route for the pair in a training step on ``x``."""
-    import torch
+    from mmorepa.layers import OREPAConv1x1, OREPAConv2d
     seen = {}
 
     def hook(module, args):
-        if hasattr(module, 'pair_route'):
-            route = module.pair_route(args[0])
-            seen[route] = seen.get(route, 0) + 1
+        route = module.pair_route(args[0])
+        seen[route] = seen.get(route, 0) + 1
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if hasattr(m, 'pair_route')]
+               if isinstance(m, (OREPAConv1x1, OREPAConv2d))]
     model.train()
     model(x)  # with autograd, as in a step (BN statistics move: counters and timings are done)
     for h in handles:
@@ -322,7 +340,7 @@ def variants(args):
                 yield dict(arch=arch, reparam='orepa', label=f'orepa: {label}', orepa_cfg=cfg)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--archs', nargs='+', default=['resnet18', 'resnet50'], choices=ARCHS)
     parser.add_argument('--reparams', nargs='+',
@@ -359,20 +377,13 @@ def main(argv=None):
                         'variant, offline DBB against online OREPA) to this file')
     parser.add_argument('--json', help='write the results to this JSON file too')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return None
-    import torch
-    compile_options = _compile_options(args.compile_options)
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    timing = not args.counters_only
-    if not timing:
-        args.steps, args.warmup, args.repeats, args.eval = 0, 0, 1, False
-    common = dict(batch_size=args.batch_size, input_size=args.input_size, steps=args.steps,
-                  warmup=args.warmup, threads=args.threads, device=device, eval=args.eval,
-                  squeeze=args.squeeze, compile=args.compile, profile=args.profile,
-                  compile_options=compile_options)
+    return parser.parse_args(argv)
+
+
+def measure(args, common: dict) -> list:
+    """Run every variant ``args.repeats`` times, interleaved, each in its own process; per
+    variant the fastest process, with every process's step time and the least peak memory and
+    CPU time."""
     todo = list(variants(args))
     runs = [[] for _ in todo]
     for rep in range(args.repeats):
@@ -393,6 +404,11 @@ def main(argv=None):
             best['eval_unfused_s'] = min(r['eval_unfused_s'] for r in measured)
             best['eval_fused_s'] = min(r['eval_fused_s'] for r in measured)
         results.append(best)
+    return results
+
+
+def add_ratios(results: list) -> None:
+    """Each result's time, CPU time, memory, FLOPs and saved bytes over its plain model's."""
     plain = {r['arch']: r for r in results if r['reparam'] in ('none', 'plain')}
     for r in results:
         p = plain.get(r['arch'])
@@ -402,6 +418,10 @@ def main(argv=None):
         r['mem_ratio'] = r['peak_mb'] / p['peak_mb'] if p else None
         r['flops_ratio'] = r['flops'] / p['flops'] if p else None
         r['saved_ratio'] = r['saved_bytes'] / p['saved_bytes'] if p else None
+
+
+def print_counters(results: list, args) -> None:
+    """The table of machine-independent counters."""
     if args.regimes:
         print('counters of one training step per regime (the same on any machine)')
     else:
@@ -417,35 +437,60 @@ def main(argv=None):
               f'{r["params"] / 1e6:.2f} | {r["flops"] / 1e9:.1f} | '
               f'{_ratio(r["flops_ratio"], 3)} | {r["saved_bytes"] / 2 ** 20:.0f} | '
               f'{_ratio(r["saved_ratio"], 3)} | {r["param_state_bytes"] / 2 ** 20:.0f} |')
-    if timing:
-        mem = 'peak GPU MiB' if device == 'cuda' else 'peak RSS MiB'
-        shape = ('batch and input of each regime' if args.regimes else
-                 f'batch {args.batch_size}, input {args.input_size}')
-        compiled = ''
-        if args.compile:
-            compiled = f'torch.compile{" " + str(compile_options) if compile_options else ""}, '
-        print(f'\ndevice: {device} ({args.threads} threads), {shape}, '
-              f'{compiled}median of {args.steps} steps after '
-              f'{args.warmup}, fastest of {args.repeats} processes per variant')
-        head = f'| arch | re-param | s/step | x plain | all processes s/step | {mem} | x plain |'
-        cpu = any(r.get('cpu_step_s') for r in results)
+
+
+def print_timings(results: list, args, device: str, compile_options: dict) -> None:
+    """The table of step times and peak memory (and eval times with ``--eval``)."""
+    mem = 'peak GPU MiB' if device == 'cuda' else 'peak RSS MiB'
+    shape = ('batch and input of each regime' if args.regimes else
+             f'batch {args.batch_size}, input {args.input_size}')
+    compiled = ''
+    if args.compile:
+        compiled = f'torch.compile{" " + str(compile_options) if compile_options else ""}, '
+    print(f'\ndevice: {device} ({args.threads} threads), {shape}, '
+          f'{compiled}median of {args.steps} steps after '
+          f'{args.warmup}, fastest of {args.repeats} processes per variant')
+    head = f'| arch | re-param | s/step | x plain | all processes s/step | {mem} | x plain |'
+    cpu = any(r.get('cpu_step_s') for r in results)
+    if cpu:
+        head += ' CPU s/step | x plain |'
+    if args.eval:
+        head += ' eval un-fused s | eval fused s | un-fused / fused |'
+    print(head)
+    print('|' + '---|' * (head.count('|') - 1))
+    for r in results:
+        every = ' '.join(f'{t:.3f}' for t in r['step_s_all'])
+        line = (f'| {r["arch"]} | {r["label"]} | {r["step_s"]:.3f} | '
+                f'{_ratio(r["time_ratio"])} | {every} | {r["peak_mb"]:.0f} | '
+                f'{_ratio(r["mem_ratio"])} |')
         if cpu:
-            head += ' CPU s/step | x plain |'
+            line += f' {r["cpu_step_s"]:.3f} | {_ratio(r["cpu_time_ratio"])} |'
         if args.eval:
-            head += ' eval un-fused s | eval fused s | un-fused / fused |'
-        print(head)
-        print('|' + '---|' * (head.count('|') - 1))
-        for r in results:
-            every = ' '.join(f'{t:.3f}' for t in r['step_s_all'])
-            line = (f'| {r["arch"]} | {r["label"]} | {r["step_s"]:.3f} | '
-                    f'{_ratio(r["time_ratio"])} | {every} | {r["peak_mb"]:.0f} | '
-                    f'{_ratio(r["mem_ratio"])} |')
-            if cpu:
-                line += f' {r["cpu_step_s"]:.3f} | {_ratio(r["cpu_time_ratio"])} |'
-            if args.eval:
-                line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
-                         f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
-            print(line)
+            line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
+                     f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
+        print(line)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return None
+    import torch
+    compile_options = _compile_options(args.compile_options)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    timing = not args.counters_only
+    if not timing:
+        args.steps, args.warmup, args.repeats, args.eval = 0, 0, 1, False
+    common = dict(batch_size=args.batch_size, input_size=args.input_size, steps=args.steps,
+                  warmup=args.warmup, threads=args.threads, device=device, eval=args.eval,
+                  squeeze=args.squeeze, compile=args.compile, profile=args.profile,
+                  compile_options=compile_options)
+    results = measure(args, common)
+    add_ratios(results)
+    print_counters(results, args)
+    if timing:
+        print_timings(results, args, device, compile_options)
     for r in results:
         if r.get('profile'):
             print(f'\nprofile: {r["arch"]} {r["label"]}, {args.profile} steps\n{r["profile"]}')

@@ -19,7 +19,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-from mmorepa.deploy import CheckpointError, build_model, load_checkpoint_strict  # noqa: E402
+from mmorepa.checkpoint import load_checkpoint_strict  # noqa: E402
+from mmorepa.config import build_model  # noqa: E402
+from mmorepa.errors import CheckpointError  # noqa: E402
 from mmorepa.layers import OREPAConv1x1, OREPAConv2d  # noqa: E402
 
 

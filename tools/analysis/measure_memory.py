@@ -47,9 +47,8 @@ def _demo_checkpoint(work: Path) -> Path:
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    import mmorepa
-    from mmorepa.deploy import build_model
-    from mmorepa.runtime import read_config
+    from mmorepa.config import build_model, read_config
+    from mmorepa.fileio import atomic_write
     ckpt = work / 'demo_cls.pth'
     if ckpt.is_file():
         return ckpt
@@ -60,7 +59,7 @@ def _demo_checkpoint(work: Path) -> Path:
             if isinstance(m, _BatchNorm):
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
-    mmorepa.deploy.atomic_write(ckpt, lambda p: torch.save({'state_dict': model.state_dict()}, p))
+    atomic_write(ckpt, lambda p: torch.save({'state_dict': model.state_dict()}, p))
     return ckpt
 
 
