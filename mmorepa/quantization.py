@@ -143,7 +143,8 @@ class RunningSqnr:
         return math.inf if self.noise == 0 else 10 * math.log10(self.signal / self.noise)
 
 
-def sqnr_db(reference: Iterable[Sequence[np.ndarray]], test: Iterable[Sequence[np.ndarray]]) -> float:
+def sqnr_db(reference: Iterable[Sequence[np.ndarray]],
+            test: Iterable[Sequence[np.ndarray]]) -> float:
     """``10 log10(sum ref^2 / sum (ref - test)^2)`` over all batches and outputs (float64)."""
     sqnr = RunningSqnr()
     for refs, tests in zip(reference, test):

@@ -4,9 +4,9 @@ Every re-parameterizable layer in eval mode serves one conv with a cached fused 
 changes a parameter or buffer in place, the next eval forward must equal the un-fused computation
 (``mmorepa.unfused_eval``: squeeze -> conv -> own norm on feature maps, no cache): optimizer steps
 of every implementation (plain, foreach, fused), writes through ``.data`` (mmengine's EMA),
-``load_state_dict``, ``copy_`` under ``no_grad``, ``p.data = other``, dtype moves, and changes of the
-layer's own settings (``fake_quant_bits``, a norm's ``eps``, a parametrization's state). The cache
-holds the fused kernel and a small key, and is never saved or copied with the model.
+``load_state_dict``, ``copy_`` under ``no_grad``, ``p.data = other``, dtype moves, and changes of
+the layer's own settings (``fake_quant_bits``, a norm's ``eps``, a parametrization's state). The
+cache holds the fused kernel and a small key, and is never saved or copied with the model.
 """
 import copy
 
