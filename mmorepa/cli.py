@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint_strict
 from .config import build_model_of, read_config
 from .errors import MMOrepaError
 from .fileio import check_output_dir
-from .reparameterize import reparameterize
+from .fusion import reparameterize
 
 
 class ToolError(Exception):

@@ -14,7 +14,7 @@ from .checkpoint import FUSED_FROM, check_state_dict_fits, load_checkpoint_stric
 from .config import build_model, build_model_of, read_config
 from .errors import ArgumentError, PathError
 from .fileio import atomic_write, check_input_file, check_output_file
-from .reparameterize import reparameterize, unfused_eval
+from .fusion import reparameterize, unfused_eval
 
 # conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).
 CONV_TYPES = ('OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',

@@ -14,7 +14,7 @@ from .config import build_model_of, read_config
 from .deploy import check_input_shape, check_model_input
 from .errors import MMOrepaError
 from .fileio import atomic_write, check_input_file, check_output_file
-from .reparameterize import reparameterize
+from .fusion import reparameterize
 
 
 def is_classifier(model: nn.Module) -> bool:

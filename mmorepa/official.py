@@ -15,26 +15,17 @@ from typing import Dict, Tuple
 import torch
 
 from .errors import CheckpointError
-from .kernels import avg_kernel, frequency_prior, identity_kernel
+from .ops import branches as B
+from .ops.algebra import avg_kernel, frequency_prior, identity_kernel
 
-_OREPA_3X3 = {
-    'weight_orepa_origin': 'weight_kxk',
-    'weight_orepa_avg_conv': 'weight_1x1_avg',
-    'weight_orepa_pfir_conv': 'weight_1x1_freq',
-    'weight_orepa_1x1': 'weight_1x1',
-    'weight_orepa_1x1_kxk_idconv1': 'weight_1x1_kxk_idconv1',
-    'weight_orepa_1x1_kxk_conv2': 'weight_1x1_kxk_conv2',
-    'weight_orepa_gconv_dw': 'weight_dw',
-    'weight_orepa_gconv_pw': 'weight_pw',
-    'vector': 'scales',
-}
-_OREPA_3X3_FIXED = ('weight_orepa_avg_avg', 'id_tensor', 'weight_orepa_prior')
-_REP_1X1 = {
-    'weight_or1x1_origin': 'weight_1x1',
-    'weight_or1x1_l2i_conv1': 'weight_1x1_1x1_conv1',
-    'weight_or1x1_l2i_conv2': 'weight_1x1_1x1_conv2',
-    'vector': 'scales',
-}
+# The official keys of the OREPA block's leaves, from the branch registry (its fixed tensors:
+# _check_fixed).
+_OREPA_3X3 = {leaf.official: leaf.attr for b in B.OREPA_BRANCHES for leaf in b.leaves}
+_OREPA_3X3['vector'] = 'scales'
+# Rep-1x1 in the official code: its 1x1 has a key of its own, its pair the registry's.
+_REP_1X1 = {'weight_or1x1_origin': B.ONE_BY_ONE.leaves[0].attr,
+            **{leaf.official: leaf.attr for leaf in B.ONE_BY_ONE_1X1.leaves},
+            'vector': 'scales'}
 _BN = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 
 
@@ -102,11 +93,12 @@ def _check_fixed(src: str, sd, out_channels: int, in_channels: int):
 def _orepa_3x3(sd, src, dst, out, flip=False):
     c_out, c_in = sd[f'{src}.weight_orepa_origin'].shape[:2]
     _check_fixed(src, sd, c_out, sd[f'{src}.weight_orepa_1x1_kxk_idconv1'].shape[0])
+    freq = B.ONE_BY_ONE_FREQ.leaves[0].attr
     for a, b in _OREPA_3X3.items():
         value = sd[f'{src}.{a}'].clone()
-        if flip and b in ('weight_kxk', 'weight_1x1_kxk_conv2', 'weight_dw'):
+        if flip and b != 'scales':  # every leaf flipped spatially (a 1x1 stays as it is)
             value = value.flip(-1, -2)
-        if flip and b == 'weight_1x1_freq':
+        if flip and b == freq:
             sign = _prior_flip_sign(sd[f'{src}.weight_orepa_prior'].double()).to(value.dtype)
             value = value * sign.reshape(-1, 1, 1, 1)
         out[f'{dst}.{b}'] = value

@@ -32,7 +32,8 @@ from mmengine.registry import OPTIM_WRAPPERS
 
 from .errors import MMOrepaError
 from .fileio import atomic_write
-from .layers.base import ReparamConv2d, per_channel_fake_quant
+from .layers.base import ReparamConv2d
+from .layers.fake_quant import per_channel_fake_quant
 
 CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
 
@@ -459,7 +460,7 @@ def squeezed_kernels(model) -> List[torch.Tensor]:
     re-parameterized convs), nested ones (a large-kernel stem's generators) included: the
     kernels :class:`CrestPenaltyOptimWrapper` penalizes."""
     layers = _reparam_layers(model) if isinstance(model, nn.Module) else model
-    return [m.squeeze()[0] for m in layers]
+    return [m.squeezed_kernel_and_bias()[0] for m in layers]
 
 
 def _reparam_layers(model: nn.Module) -> List[ReparamConv2d]:

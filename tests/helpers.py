@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from mmengine.registry import init_default_scope
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmorepa.ops import branches as B
+
 ROOT = Path(__file__).resolve().parents[1]
 CLS_CFG = ROOT / 'configs/demo/orepa_r18_shapes_cls.py'  # the demo classifier
 
@@ -75,24 +77,24 @@ def orepa_explicit(layer, x):
     c_out = layer.out_channels
     outs = {}
     for b in layer.branches:
-        if b == 'kxk':
+        if b == B.KXK.name:
             y = conv(x, layer.weight_kxk, s, p, d, g)
-        elif b == '1x1':
+        elif b == B.ONE_BY_ONE.name:
             y = conv(x, layer.weight_1x1, s, 0, 1, g)
-        elif b == '1x1_kxk':
+        elif b == B.ONE_BY_ONE_KXK.name:
             mid = conv(x, layer.identity.to(x.dtype) + layer.weight_1x1_kxk_idconv1, 1, 0, 1, g)
             y = conv(mid, layer.weight_1x1_kxk_conv2, s, p, d, g)
-        elif b == '1x1_avg':
+        elif b == B.ONE_BY_ONE_AVG.name:
             mid = conv(x, layer.weight_1x1_avg, 1, 0, 1, g)
             if d == 1:
                 y = F.avg_pool2d(mid, k, s, p, count_include_pad=True)
             else:
                 avg = torch.full((c_out, 1, k, k), 1.0 / k ** 2, dtype=x.dtype)
                 y = conv(mid, avg, s, p, d, c_out)
-        elif b == '1x1_freq':
+        elif b == B.ONE_BY_ONE_FREQ.name:
             mid = conv(x, layer.weight_1x1_freq, 1, 0, 1, g)
             y = conv(mid, layer.freq_prior.to(x.dtype).unsqueeze(1), s, p, d, c_out)
-        elif b == 'dw_pw':
+        elif b == B.DW_PW.name:
             mid = conv(x, layer.weight_dw, s, p, d, layer.in_channels)
             y = conv(mid, layer.weight_pw, 1, 0, 1, g)
         outs[b] = y

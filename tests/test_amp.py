@@ -38,7 +38,8 @@ def test_kernel_is_squeezed_in_float32_under_autocast(make, mode):
     x = torch.randn(2, 8, 12, 12)
     kernel, out_dtype = _kernel_seen_by_conv(layer, x)
     with torch.no_grad():  # the same algebra without autocast (float32 throughout)
-        ref = layer.squeeze()[0] if mode == 'train' else layer.fused_kernel_and_bias()[0]
+        ref = (layer.squeezed_kernel_and_bias()[0] if mode == 'train'
+               else layer.fused_kernel_and_bias()[0])
     assert kernel.dtype == torch.float32
     assert rel_err(kernel, ref) <= 1e-6  # squeezing in bfloat16 gives about 1e-3
     assert out_dtype == torch.bfloat16  # the final conv does run in low precision

@@ -18,6 +18,7 @@ from mmengine.runner import load_checkpoint
 
 import mmorepa
 from mmorepa.layers import ReparamConv2d
+from mmorepa.ops import branches as B
 
 from helpers import LogRecords, eval_features, randomize_network_, rel_err, toolbox_registry
 
@@ -66,7 +67,7 @@ CASES = {
     'mmseg-ResNeSt': ('mmseg', 'resnest/resnest_s101-d8_pspnet_4xb2-80k_cityscapes512x1024.py',
                       dict(NARROW, depth=50)),
 }
-OTHER_BRANCHES = dict(branches=('kxk', '1x1', '1x1_kxk'))
+OTHER_BRANCHES = dict(branches=B.names((B.KXK, B.ONE_BY_ONE, B.ONE_BY_ONE_KXK)))
 
 
 def base_backbone(toolbox, config, overrides=()):
@@ -142,7 +143,7 @@ def test_orepa_form_of_a_toolbox_backbone(case, tmp_path):
     with LogRecords() as log:
         load_checkpoint(model, path, strict=False, logger='current')
     layer = next(n for n in _outer_reparam_layers(model)
-                 if 'dw_pw' in getattr(model.get_submodule(n), 'branches', ()))
+                 if B.DW_PW.name in getattr(model.get_submodule(n), 'branches', ()))
     assert f'{layer} (OREPAConv2d): the checkpoint\'s entries' in log.text()
     assert 'weight_dw' in log.text()
 

@@ -11,13 +11,17 @@ from mmengine.registry import DefaultScope
 import mmorepa
 from mmorepa.config import build_model
 from mmorepa.deploy import convert, deploy_config
+from mmorepa.ops import branches as B
 
 from helpers import LogRecords, eval_features, randomize_network_, rel_err, toolbox_registry
 
 SMALL = dict(depth=50, stem_channels=32, base_channels=16, out_indices=(0, 1, 2, 3))
 
 
-@pytest.mark.parametrize('other', [dict(orepa_cfg=dict(branches=('kxk', '1x1', '1x1_kxk'))),
+OTHER_BRANCHES = B.names((B.KXK, B.ONE_BY_ONE, B.ONE_BY_ONE_KXK))
+
+
+@pytest.mark.parametrize('other', [dict(orepa_cfg=dict(branches=OTHER_BRANCHES)),
                                    dict(reparam='dbb')], ids=['other-branches', 'dbb'])
 def test_checkpoint_of_another_reparameterization_is_named(other, tmp_path):
     """Item 5: it used to load with mmengine's generic key list only (output 0.99 off)."""

@@ -12,10 +12,21 @@ import mmorepa
 from mmorepa.layers import (BRANCHES, OREPA, DiverseBranchBlock, OREPAConv1x1, OREPAConv2d,
                             OREPALargeConv)
 from mmorepa.models.backbones.reparam_backbone import swap_convs_
+from mmorepa.ops import branches as B
 
 from helpers import bn_eval, conv, orepa_explicit, randomize_, rel_err
 
 BN = dict(type='BN')
+
+
+def scaled_sum(kernels, scales):
+    """Eq. 4 with the linear scaling layers of Sec. 3.2 written plainly, ``sum_m gamma_m * W_m``:
+    ``kernels`` same-shape ``(C_out, C_in // g, k, k)`` branch kernels; ``scales`` ``(M, C_out)``
+    (vector scaling), ``(M, 1)`` (scalar scaling) or ``None`` (no scaling)."""
+    stacked = torch.stack(list(kernels))
+    if scales is None:
+        return stacked.sum(0)
+    return torch.einsum('mo,moihw->oihw', scales.expand(len(kernels), stacked.shape[1]), stacked)
 
 
 def _input(c, size=9, seed=0, dtype=torch.float32):
@@ -34,15 +45,16 @@ def test_online_squeeze_equals_explicit_branches(k, stride, groups, dilation, sc
     randomize_(layer)
     x = _input(8, 13, dtype=torch.float64)
     ref = orepa_explicit(layer, x)
-    kernel, bias = layer.squeeze()
+    kernel, bias = layer.squeezed_kernel_and_bias()
     out = F.conv2d(x, kernel, bias, layer.stride, layer.padding, layer.dilation, groups)
     assert rel_err(out, ref) <= 1e-10
     # and the module's own train-mode forward is that single conv
     assert rel_err(layer.train()(x), ref) <= 1e-10
 
 
-@pytest.mark.parametrize('branches', [('kxk',), ('kxk', '1x1', '1x1_kxk', '1x1_avg'),
-                                      ('1x1_freq', 'dw_pw'), ('dw_pw', 'kxk')])
+@pytest.mark.parametrize('branches', [
+    B.names(bs) for bs in ((B.KXK, ), (B.KXK, B.ONE_BY_ONE, B.ONE_BY_ONE_KXK, B.ONE_BY_ONE_AVG),
+                           (B.ONE_BY_ONE_FREQ, B.DW_PW), (B.DW_PW, B.KXK))])
 def test_branch_subsets_equal_explicit(branches):
     torch.manual_seed(1)
     layer = randomize_(OREPAConv2d(4, 8, 3, branches=branches).double())
@@ -66,7 +78,7 @@ def test_rep1x1_and_deep_stem_equal_explicit():
     y = x[:, :3]
     seq = y
     for gen in stem.generators:
-        seq = conv(seq, gen.squeeze()[0])
+        seq = conv(seq, gen.squeezed_kernel_and_bias()[0])
     assert rel_err(stem(y), seq) <= 1e-10
 
 
@@ -114,7 +126,7 @@ def test_other_layers_fused_equals_unfused(make):
         if isinstance(layer, DiverseBranchBlock):
             ref = ref_layer(x.double())  # DBB always computes its branches on feature maps
         else:
-            kernel, bias = ref_layer.squeeze()
+            kernel, bias = ref_layer.squeezed_kernel_and_bias()
             ref = F.conv2d(x.double(), kernel, bias, layer.stride, layer.padding, layer.dilation,
                            layer.groups)
             if ref_layer.bn is not None:
@@ -220,7 +232,7 @@ class _Squeeze(nn.Module):
         self.layer = layer
 
     def forward(self):
-        return self.layer.squeeze()[0]
+        return self.layer.squeezed_kernel_and_bias()[0]
 
 
 # 4. Idempotence; reparameterize leaves its input untouched --------------------------------------
@@ -335,8 +347,9 @@ def test_silently_accepted_arguments_are_refused():
     with pytest.raises(ValueError, match="'kxk'"):
         OREPA(4, 4, 3, branches='kxk')
     # a scale_init for a branch the layer does not build
-    with pytest.raises(ValueError, match="scale_init names branch 'dw_pw'"):
-        OREPAConv2d(4, 4, 3, branches=('kxk', '1x1'), scale_init={'dw_pw': 0.5})
+    with pytest.raises(ValueError, match=f"scale_init names branch '{B.DW_PW.name}'"):
+        OREPAConv2d(4, 4, 3, branches=B.names((B.KXK, B.ONE_BY_ONE)),
+                    scale_init={B.DW_PW.name: 0.5})
     with pytest.raises(ValueError, match="scale_init names branch 'bogus'"):
         OREPAConv1x1(4, 4, scale_init={'bogus': 1.0})
     # unknown Rep-1x1 branches are refused whatever the kernel size
@@ -366,12 +379,14 @@ def test_orepa_factory_picks_by_kernel_size():
 
 def test_scale_inits_follow_supp_2_1():
     layer = OREPAConv2d(4, 8, 3)
-    want = {'1x1': 1.0, 'kxk': 0.25, '1x1_kxk': 0.5, '1x1_avg': 0.5, '1x1_freq': 0.0,
-            'dw_pw': 0.5}
-    for i, b in enumerate(layer.branches):
-        assert torch.all(layer.scales[i] == want[b]), b
+    want = {B.ONE_BY_ONE: 1.0, B.KXK: 0.25, B.ONE_BY_ONE_KXK: 0.5, B.ONE_BY_ONE_AVG: 0.5,
+            B.ONE_BY_ONE_FREQ: 0.0, B.DW_PW: 0.5}
+    assert len(layer.branches) == len(want)
+    for i, b in enumerate(want):
+        assert torch.all(layer.scales[layer.branches.index(b.name)] == want[b]), b.name
     # the 1x1-kxk branch starts as a plain kxk conv (identity 1x1)
-    assert torch.equal(layer.branch_kernels()['1x1_kxk'], layer.weight_1x1_kxk_conv2)
+    pair = B.ONE_BY_ONE_KXK
+    assert torch.equal(layer.branch_kernels()[pair.name], getattr(layer, pair.attrs()[1]))
 
 
 def test_unfused_eval_is_an_independent_reference():
@@ -387,7 +402,7 @@ def test_unfused_eval_is_an_independent_reference():
             ref = model(x)
             first = model[0](x)
             # squeeze -> conv -> BN on feature maps, by hand
-            k, b = model[0].squeeze()
+            k, b = model[0].squeezed_kernel_and_bias()
             manual = bn_eval(F.conv2d(x, k, b, 1, 1), model[0].bn)
     assert model[0].fold_norm_in_eval and model[2].fold_norm_in_eval  # restored on exit
     assert rel_err(first, manual) <= 1e-6
@@ -399,8 +414,18 @@ def test_unfused_eval_is_an_independent_reference():
 @pytest.mark.parametrize('groups', [1, 4])
 def test_squeeze_equals_scaled_sum_of_branch_kernels(scaling, groups):
     """The cheap squeeze (scales on the last factors, no stacking) is Eq. 4 exactly."""
-    from mmorepa.kernels import scaled_sum
     torch.manual_seed(12)
     layer = randomize_(OREPAConv2d(8, 16, 3, groups=groups, scaling=scaling).double())
     reference = scaled_sum(layer.branch_kernels().values(), layer.scales)
-    assert rel_err(layer.squeeze()[0], reference) <= 1e-13
+    assert rel_err(layer.squeezed_kernel_and_bias()[0], reference) <= 1e-13
+
+
+def test_scaled_sum_modes():
+    g = torch.Generator().manual_seed(4)
+    ks = [torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    vec = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    want = vec[0].reshape(-1, 1, 1, 1) * ks[0] + vec[1].reshape(-1, 1, 1, 1) * ks[1]
+    assert rel_err(scaled_sum(ks, vec), want) < 1e-14
+    sc = torch.randn(2, 1, generator=g, dtype=torch.float64)
+    assert rel_err(scaled_sum(ks, sc), sc[0] * ks[0] + sc[1] * ks[1]) < 1e-14
+    assert rel_err(scaled_sum(ks, None), ks[0] + ks[1]) == 0

@@ -252,7 +252,7 @@ def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
         opt.step()
     assert rel_err(model.conv.weight_kxk.detach(), ref.conv.weight_kxk.detach()) < 1e-6
     assert rel_err(model.conv.weight_kxk.detach(), plain.conv.weight_kxk.detach()) > 1e-4
-    before = Q.crest_factor(ref.conv.squeeze()[0]).mean()
+    before = Q.crest_factor(ref.conv.squeezed_kernel_and_bias()[0]).mean()
     # trained with the recipe, the fused model (plain convs) still equals the un-fused one
     model.eval().double()
     x = x.double()
@@ -295,17 +295,17 @@ def test_fake_quant_trains_on_the_int8_grid_with_straight_through_gradients():
     ref = copy.deepcopy(net)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     layers = (ref.stem, ref.conv, ref.down)
-    rounded = [_int8_rounded(m.squeeze()[0]).requires_grad_() for m in layers]
+    rounded = [_int8_rounded(m.squeezed_kernel_and_bias()[0]).requires_grad_() for m in layers]
     expected = _tiny_on_feature_maps(ref, x, rounded)
     out = net(x)
     assert rel_err(out, expected) < 1e-12
     # not the float kernels' output: the rounding acted
-    assert rel_err(_tiny_on_feature_maps(ref, x, [m.squeeze()[0] for m in layers]), out) > 1e-5
+    assert rel_err(_tiny_on_feature_maps(ref, x, [m.squeezed_kernel_and_bias()[0] for m in layers]), out) > 1e-5
     out.square().mean().backward()
     expected.square().mean().backward()
     for ref_layer, layer, kernel in zip(layers, (net.stem, net.conv, net.down), rounded):
         names, params = zip(*ref_layer.named_parameters())
-        grads = torch.autograd.grad(ref_layer.squeeze()[0], params, kernel.grad)
+        grads = torch.autograd.grad(ref_layer.squeezed_kernel_and_bias()[0], params, kernel.grad)
         for name, p, g in zip(names, dict(layer.named_parameters()).values(), grads):
             assert g.abs().sum() > 0 and rel_err(p.grad, g) < 1e-10, name
     # the option reaches the layers through the backbone's orepa_cfg (every OREPA layer), and a
@@ -333,7 +333,7 @@ def test_fake_quant_fuses_exactly_onto_the_int8_grid():
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     fused = mmorepa.reparameterize(net)
     with torch.no_grad():
-        expected = _tiny_on_feature_maps(net, x, [_int8_rounded(m.squeeze()[0])
+        expected = _tiny_on_feature_maps(net, x, [_int8_rounded(m.squeezed_kernel_and_bias()[0])
                                                   for m in (net.stem, net.conv, net.down)])
         assert rel_err(fused(x), expected) < 1e-12
         assert rel_err(net(x), expected) < 1e-12

@@ -7,6 +7,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmorepa.layers import OREPA, OREPAConv1x1, OREPAConv2d
+from mmorepa.ops import branches as B
 
 from helpers import randomize_, rel_err
 
@@ -14,10 +15,10 @@ LAYERS = {
     '3x3 all branches, groups 2, stride 2, own BN': lambda route, scaling='vector': OREPAConv2d(
         4, 8, 3, stride=2, groups=2, scaling=scaling, norm_cfg=dict(type='BN'), route=route),
     '3x3 dilation 2, bias, pair + kxk only': lambda route, scaling='vector': OREPAConv2d(
-        6, 4, 3, padding=2, dilation=2, bias=True, branches=('kxk', '1x1_kxk'),
+        6, 4, 3, padding=2, dilation=2, bias=True, branches=B.names((B.KXK, B.ONE_BY_ONE_KXK)),
         scaling=scaling, route=route),
     '3x3 the pair alone': lambda route, scaling='vector': OREPAConv2d(
-        4, 4, 3, branches=('1x1_kxk', ), scaling=scaling, route=route),
+        4, 4, 3, branches=(B.ONE_BY_ONE_KXK.name, ), scaling=scaling, route=route),
     'Rep-1x1 stride 2': lambda route, scaling='vector': OREPAConv1x1(
         4, 8, stride=2, scaling=scaling, route=route),
     'Rep-1x1 narrowing, padding 1, own BN': lambda route, scaling='vector': OREPAConv1x1(

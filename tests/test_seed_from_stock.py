@@ -10,6 +10,7 @@ from mmengine.runner import load_checkpoint
 
 import mmorepa
 from mmorepa.layers import OREPAConv1x1, OREPAConv2d, OREPALargeConv, ReparamConv2d
+from mmorepa.ops import branches as B
 
 from helpers import (LogRecords, eval_features, randomize_, randomize_network_, rel_err,
                      toolbox_registry)
@@ -177,7 +178,7 @@ def test_fused_deploy_checkpoint_resumes_orepa_training(tmp_path):
 @pytest.mark.parametrize('make', [
     lambda: OREPAConv2d(8, 16, 3, stride=2, groups=4),
     lambda: OREPAConv2d(6, 6, 5, dilation=2, scaling='scalar'),
-    lambda: OREPAConv2d(4, 8, 3, branches=('kxk', 'dw_pw'), scaling='none', bias=True),
+    lambda: OREPAConv2d(4, 8, 3, branches=B.names((B.KXK, B.DW_PW)), scaling='none', bias=True),
     lambda: OREPAConv1x1(8, 4, stride=2),
     lambda: OREPALargeConv(3, 27, 7, stride=2),
     lambda: OREPALargeConv(2, 18, 5),
@@ -189,7 +190,7 @@ def test_layer_squeezes_to_the_loaded_plain_weight(make):
                      layer.padding, layer.dilation, layer.groups, bias=layer.bias is not None)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.load_state_dict(conv.state_dict(), strict=True)
-    kernel, bias = layer.double().squeeze()
+    kernel, bias = layer.double().squeezed_kernel_and_bias()
     assert rel_err(kernel, conv.weight) <= 1e-5
     if bias is not None:
         assert torch.allclose(bias.float(), conv.bias)
@@ -219,7 +220,8 @@ def test_seeded_layer_equals_the_plain_conv_branch_by_branch(make):
 
 def test_layers_that_cannot_be_seeded_report_it_and_do_not_stop_the_load():
     from mmengine.runner.checkpoint import load_state_dict
-    model = nn.Sequential(OREPAConv2d(4, 8, 3, branches=('1x1', '1x1_kxk')), nn.Conv2d(8, 8, 1))
+    without_kxk = B.names((B.ONE_BY_ONE, B.ONE_BY_ONE_KXK))
+    model = nn.Sequential(OREPAConv2d(4, 8, 3, branches=without_kxk), nn.Conv2d(8, 8, 1))
     plain = nn.Sequential(nn.Conv2d(4, 8, 3, bias=False), nn.Conv2d(8, 8, 1))
     with pytest.raises(RuntimeError, match="without a 'kxk' branch"):
         model.load_state_dict(plain.state_dict())

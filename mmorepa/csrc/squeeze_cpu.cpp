@@ -1,15 +1,15 @@
 // The memory-bound part of OREPA's online squeeze on the CPU: one pass over the kernel each way.
 //
-// For one OREPA layer (mmorepa/kernels.py) these are the branches whose kernel costs O(C^2 k^2):
-// kxk, the 1x1 branches followed by a fixed per-output-channel filter (1x1: the centre tap,
-// 1x1-avg: 1/k^2, 1x1-freq: the frequency prior) and dw-pw (Sec. 3.5, Eq. 3). Written with
+// For one OREPA layer (mmorepa/ops/squeeze.py) these are the branches whose kernel costs
+// O(C^2 k^2): kxk, the 1x1 branches followed by a fixed per-output-channel filter (1x1: the centre
+// tap, 1x1-avg: 1/k^2, 1x1-freq: the frequency prior) and dw-pw (Sec. 3.5, Eq. 3). Written with
 // torch's operators each branch is a pass of its own (scale, broadcast, batched product, layout
 // change, accumulate) and its backward several more. Here every tap of the squeezed kernel is
-// formed from its branches in registers and written once (Eq. 4 with the scaling of Sec. 3.2),
-// and the backward reads the kernel's gradient once. The 1x1-kxk pair (O(C^3 k^2), a matrix
-// product) stays with torch. The math is that of kernels._squeeze_accumulated and
-// kernels._squeeze_backward; tests/test_squeeze_function.py checks this file against autograd
-// through kernels.squeeze_reference in float64.
+// formed from its branches in registers and written once (Eq. 4 with the scaling of Sec. 3.2), and
+// the backward reads the kernel's gradient once. The 1x1-kxk pair (O(C^3 k^2), a matrix product)
+// stays with torch. The math is that of the branches' accumulate and backward in
+// mmorepa/ops/branches.py; tests/test_squeeze.py checks this file against autograd through
+// mmorepa.ops.squeeze.squeezed_kernel_reference in float64.
 //
 // Layouts (all contiguous): the kernel and its gradient (C_out, C_in/g, P), P = k * k taps (the
 // gradient may also come as (C_out, P, C_in/g), its channels-last layout); kxk
@@ -443,7 +443,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             "OREPA's squeeze of the kxk, fixed-filter 1x1 and dw-pw branches in one pass (CPU)");
     mod.def("squeeze_backward", &squeeze_backward,
             "the gradients of squeeze_forward, one pass over the kernel's gradient (CPU)");
-    // the sizes it takes (mmorepa/kernels.py leaves larger ones to torch's operators)
+    // the sizes it takes (mmorepa/ops/squeeze.py leaves larger ones to torch's operators)
     mod.attr("MAX_TAPS") = kMaxTaps;
     mod.attr("MAX_EXPANSION") = kMaxExpansion;
 }

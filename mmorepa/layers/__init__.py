@@ -2,9 +2,8 @@
 from mmengine.registry import MODELS
 
 from .base import ReparamConv2d
-from .offline import DiverseBranchBlock
-from .orepa import (BRANCHES, DBB, OREPA, SCALE_INIT, OREPAConv1x1, OREPAConv2d,
-                    OREPALargeConv)
+from .dbb import DBB, DiverseBranchBlock
+from .orepa import (BRANCHES, OREPA, SCALE_INIT, OREPAConv1x1, OREPAConv2d, OREPALargeConv)
 
 __all__ = ['ReparamConv2d', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv', 'OREPA', 'DBB',
            'DiverseBranchBlock', 'BRANCHES', 'SCALE_INIT']

@@ -173,11 +173,11 @@ def _build(spec: dict, device):
     else:
         model = build_model(spec['arch'], spec['reparam'], spec.get('orepa_cfg')).to(device)
     if spec.get('squeeze', 'function') == 'autograd':  # the squeeze before the autograd node
-        from mmorepa import kernels
+        from mmorepa.ops.squeeze import squeezed_kernel_reference
         from mmorepa.layers import OREPAConv1x1, OREPAConv2d
         for m in model.modules():
             if isinstance(m, (OREPAConv1x1, OREPAConv2d)):
-                m.squeeze_fn = kernels.squeeze_reference
+                m.squeeze_fn = squeezed_kernel_reference
     return model, classes
 
 

@@ -19,9 +19,9 @@ from mmcv.cnn import build_conv_layer
 from mmengine.logging import print_log
 from mmengine.registry import DefaultScope
 
+from ...fusion import fuse_convs_, norm_taking_bias
 from ...layers.base import ReparamConv2d
-from ...layers.offline import DiverseBranchBlock
-from ...reparameterize import fuse_convs_, norm_taking_bias
+from ...layers.dbb import DiverseBranchBlock
 
 _CLASSES: Dict[type, type] = {}
 

@@ -1,7 +1,8 @@
-"""The offline re-parameterization block of the paper's comparisons: DBB.
+"""The offline re-parameterization block of the paper's comparisons: DBB (Ding et al., CVPR
+2021), and its ``conv_cfg`` type ``DBB``.
 
 Its branches carry their own BatchNorms, so it computes every branch on feature maps during
-training (the cost OREPA removes) and are squeezed only at deploy time.
+training (the cost OREPA removes) and they are squeezed only at deploy time.
 """
 from typing import Tuple
 
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
-from .. import kernels as K
-from .base import ReparamConv2d, bn_fuse
+from ..ops import algebra as K
+from .base import ReparamConv2d, bn_fuse, pair_square, plain_conv
 
 
 class _ConvBN(nn.Module):
@@ -117,7 +118,7 @@ class DiverseBranchBlock(ReparamConv2d):
         avg = self._avg(self.bn_1x1_avg_mid(self.conv_1x1_avg(x)))
         return out + self.bn_1x1_avg(avg)
 
-    def squeeze(self):
+    def squeezed_kernel_and_bias(self):
         """DBB's own fusion of the four branches (eval-mode statistics)."""
         k, g = self.kernel_size[0], self.groups
         w_kxk, b_kxk = self.branch_kxk.fuse()
@@ -140,3 +141,15 @@ def _bias_through(kernel: Tensor, bias: Tensor, groups: int) -> Tensor:
     c_out, cin_g = kernel.shape[:2]
     summed = kernel.sum((2, 3)).reshape(groups, c_out // groups, cin_g)
     return torch.einsum('goi,gi->go', summed, bias.reshape(groups, cin_g)).reshape(c_out)
+
+
+def DBB(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+        groups: int = 1, bias: bool = True, norm_cfg: dict = dict(type='BN'),
+        deploy: bool = False) -> nn.Module:
+    """The ``conv_cfg`` type of DBB-ResNet: a :class:`DiverseBranchBlock` for every ``k x k`` conv
+    (k > 1), a plain ``nn.Conv2d`` for the 1x1 convs (as in DBB-ResNet)."""
+    k = pair_square(kernel_size, 'kernel_size')
+    common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    if k == 1 or deploy:
+        return plain_conv(in_channels, out_channels, k, **common)
+    return DiverseBranchBlock(in_channels, out_channels, k, norm_cfg=norm_cfg, **common)

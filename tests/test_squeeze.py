@@ -1,30 +1,38 @@
-"""The OREPA squeeze as one operator with its own backward (:func:`mmorepa.kernels.squeeze`):
-same value as the reference written with the kernel functions, hand-written backward checked by
-gradcheck (float64) and against autograd through the reference, it keeps only the leaves for
-backward, and torch.compile's view of it (fake outputs) matches what it does. On the CPU the
-memory-bound branches run in the extension ``mmorepa._squeeze_cpu``; the tests marked with the
-``path`` fixture run both it and torch's operators (the path of every other device)."""
+"""The OREPA squeeze as one operator with its own backward
+(:func:`mmorepa.ops.squeeze.squeezed_kernel`): same value as the reference written with the
+branches' kernel functions, hand-written backward checked by gradcheck (float64) and against
+autograd through the reference, it keeps only the leaves for backward, and torch.compile's view of
+it (fake outputs) matches what it does. On the CPU the memory-bound branches run in the extension
+``mmorepa._squeeze_cpu``; the tests marked with the ``path`` fixture run both it and torch's
+operators (the path of every other device). Every test iterates over the branch registry."""
 import io
 import itertools
 
 import pytest
 import torch
 
-from mmorepa import kernels as K
 from mmorepa.layers import OREPAConv1x1, OREPAConv2d
+from mmorepa.ops import algebra as K
+from mmorepa.ops import branches as B
+from mmorepa.ops import extension
+from mmorepa.ops import squeeze as S
 
 from helpers import randomize_, rel_err
 
 CIN, COUT = 4, 8
+# every OREPA branch, in the registry's order; Rep-1x1's branches (a 1x1 and a 1x1-1x1 pair)
+ALL = B.names(B.OREPA_BRANCHES)
+REP1X1 = B.names(B.REP1X1_BRANCHES)
+PAIR = B.ONE_BY_ONE_KXK.name
 
 
 @pytest.fixture(params=['extension', 'operators'])
 def path(request, monkeypatch):
     """The squeeze's CPU extension, or torch's operators alone (the extension hidden)."""
     if request.param == 'operators':
-        monkeypatch.setattr(K, '_squeeze_cpu', None)
+        monkeypatch.setattr(extension, 'squeeze_cpu', None)
     else:
-        assert K._squeeze_cpu is not None, \
+        assert extension.squeeze_cpu is not None, \
             'mmorepa._squeeze_cpu is not built: pip install -e . (tools/setup_env.sh) builds it'
     return request.param
 
@@ -32,11 +40,11 @@ def path(request, monkeypatch):
 @pytest.fixture
 def extension_calls(monkeypatch):
     """The calls of the extension's two functions, ``(name, args)`` in order (they still run)."""
-    assert K._squeeze_cpu is not None, 'mmorepa._squeeze_cpu is not built'
+    assert extension.squeeze_cpu is not None, 'mmorepa._squeeze_cpu is not built'
     calls = []
     for name in ('squeeze_forward', 'squeeze_backward'):
-        fn = getattr(K._squeeze_cpu, name)
-        monkeypatch.setattr(K._squeeze_cpu, name,
+        fn = getattr(extension.squeeze_cpu, name)
+        monkeypatch.setattr(extension.squeeze_cpu, name,
                             lambda *a, _f=fn, _n=name: calls.append((_n, a)) or _f(*a))
     return calls
 
@@ -49,18 +57,9 @@ def _case(branches, k, groups, scaling, identity=True, m=2, seed=0, cin=None, co
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=dt)
 
-    leaves = {}
-    for b in branches:
-        if b == 'kxk':
-            leaves['kxk'] = rnd(COUT, CIN // groups, k, k)
-        elif b in ('1x1', '1x1_avg', '1x1_freq'):
-            leaves[b] = rnd(COUT, CIN // groups, 1, 1)
-        elif b == '1x1_kxk':
-            leaves['1x1_kxk.first'] = rnd(CIN, CIN // groups, 1, 1)
-            leaves['1x1_kxk.second'] = rnd(COUT, CIN // groups, k, k)
-        elif b == 'dw_pw':
-            leaves['dw'] = rnd(CIN * m, 1, k, k)
-            leaves['pw'] = rnd(COUT, CIN * m // groups, 1, 1)
+    geometry = B.Geometry(CIN, COUT, k, groups, m)
+    leaves = {leaf.attr: rnd(*leaf.shape(geometry))
+              for b in B.lookup(branches) for leaf in b.leaves}
     scales = {'vector': rnd(len(branches), COUT), 'scalar': rnd(len(branches), 1),
               'none': None}[scaling]
     ident = K.identity_kernel(CIN, groups, dtype=dt) if identity else None
@@ -80,7 +79,7 @@ def _check(branches, k, groups, scaling, identity=True, fast_mode=True):
             return fn(branches, dict(zip(names, xs)), s, k, groups, CIN, ident, prior)
         return f
 
-    fast, ref = call(K.squeeze), call(K.squeeze_reference)
+    fast, ref = call(S.squeezed_kernel), call(S.squeezed_kernel_reference)
     assert torch.autograd.gradcheck(fast, inputs, fast_mode=fast_mode)
     # against autograd through the reference (an independent derivation of the same gradient)
     out = fast(*inputs)
@@ -92,9 +91,10 @@ def _check(branches, k, groups, scaling, identity=True, fast_mode=True):
 
 
 @pytest.mark.parametrize('branches', [bs for r in range(1, 7)
-                                      for bs in itertools.combinations(K.SQUEEZE_BRANCHES, r)
-                                      if r in (1, 6) or bs in (('1x1', '1x1_kxk'),
-                                                               ('1x1_freq', 'dw_pw'))])
+                                      for bs in itertools.combinations(ALL, r)
+                                      if r in (1, 6) or bs in (
+                                          B.names((B.ONE_BY_ONE_KXK, B.ONE_BY_ONE)),
+                                          B.names((B.ONE_BY_ONE_FREQ, B.DW_PW)))])
 @pytest.mark.parametrize('scaling', ['vector', 'scalar', 'none'])
 def test_every_single_branch_and_all_k3_groups2(branches, scaling, path):
     _check(branches, 3, 2, scaling)
@@ -103,24 +103,25 @@ def test_every_single_branch_and_all_k3_groups2(branches, scaling, path):
 @pytest.mark.parametrize('k', [1, 5, 7])
 @pytest.mark.parametrize('groups', [1, 4])
 def test_all_branches_other_sizes(k, groups, path):
-    _check(K.SQUEEZE_BRANCHES, k, groups, 'vector')
+    _check(ALL, k, groups, 'vector')
 
 
 def test_full_jacobian_all_branches():
-    _check(K.SQUEEZE_BRANCHES, 3, 2, 'vector', fast_mode=False)
+    _check(ALL, 3, 2, 'vector', fast_mode=False)
 
 
 def test_rep1x1_form_without_identity(path):
-    _check(('1x1', '1x1_kxk'), 1, 1, 'vector', identity=False)
-    _check(('1x1_kxk', ), 1, 2, 'scalar', identity=False)
+    _check(REP1X1, 1, 1, 'vector', identity=False)
+    _check(REP1X1[1:], 1, 2, 'scalar', identity=False)
 
 
 def test_frozen_leaves_get_no_gradient(path):
-    leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, 3, 1, 'vector')
-    leaves['dw'].requires_grad_()
-    out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
+    leaves, scales, ident, prior = _case(ALL, 3, 1, 'vector')
+    dw, kxk = B.DW_PW.leaves[0].attr, B.KXK.leaves[0].attr
+    leaves[dw].requires_grad_()
+    out = S.squeezed_kernel(ALL, leaves, scales, 3, 1, CIN, ident, prior)
     out.sum().backward()
-    assert leaves['dw'].grad is not None and leaves['kxk'].grad is None
+    assert leaves[dw].grad is not None and leaves[kxk].grad is None
 
 
 @pytest.mark.parametrize('make', [lambda: OREPAConv2d(8, 16, 3, groups=2),
@@ -145,32 +146,31 @@ def test_layer_keeps_only_its_parameters_for_backward(make):
             if hasattr(m, 'squeeze_fn'):
                 m.squeeze_fn = impl
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            kernel = layer.squeeze()[0]
+            kernel = layer.squeezed_kernel_and_bias()[0]
         return sum(saved.values()), kernel
 
-    fast, k1 = saved_bytes(K.squeeze)
-    slow, k2 = saved_bytes(K.squeeze_reference)
+    fast, k1 = saved_bytes(S.squeezed_kernel)
+    slow, k2 = saved_bytes(S.squeezed_kernel_reference)
     assert fast == 0 and slow > 0
     assert rel_err(k1, k2) <= 1e-6
 
 
 @pytest.mark.parametrize('branches, k, groups, identity, channels_last', [
-    (K.SQUEEZE_BRANCHES, 3, 2, True, False), (('1x1', '1x1_kxk'), 1, 1, False, False),
-    (K.SQUEEZE_BRANCHES, 3, 1, True, True)])
+    (ALL, 3, 2, True, False), (REP1X1, 1, 1, False, False), (ALL, 3, 1, True, True)])
 def test_operators_pass_opcheck(branches, k, groups, identity, channels_last, path):
     """``mmorepa::squeeze`` and its backward as torch.compile sees them: the fake (meta) outputs
     have the real shapes and strides (also for leaves in channels-last memory format, as
     ``model.to(memory_format=torch.channels_last)`` leaves them), the schema holds, and a traced
     call equals an eager one (``torch.library.opcheck``; autograd is the node's, tested above)."""
     leaves, scales, ident, prior = _case(branches, k, groups, 'vector', identity)
-    names = K._leaf_names(branches)
+    names = [leaf.attr for b in B.lookup(branches) for leaf in b.leaves]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     tensors = [leaves[n].contiguous(memory_format=fmt) for n in names]
     spec = ','.join(branches)
-    torch.library.opcheck(K._squeeze_op, (tensors, scales, ident, prior, spec, k, groups, CIN,
+    torch.library.opcheck(S._squeeze_op, (tensors, scales, ident, prior, spec, k, groups, CIN,
                                           COUT))
     grad = torch.randn(COUT, CIN // groups, k, k, dtype=torch.float64)
-    torch.library.opcheck(K._squeeze_backward_op,
+    torch.library.opcheck(S._squeeze_backward_op,
                           (grad.contiguous(memory_format=fmt), tensors, scales, ident, prior,
                            spec, k, groups, CIN, [True] * len(tensors), True))
 
@@ -178,14 +178,14 @@ def test_operators_pass_opcheck(branches, k, groups, identity, channels_last, pa
 def test_torch_func_grad_through_the_squeeze():
     """``torch.func.grad`` takes gradients through the squeeze node, equal to autograd through
     the reference (float64)."""
-    branches = K.SQUEEZE_BRANCHES
+    branches = ALL
     leaves, scales, ident, prior = _case(branches, 3, 2, 'vector')
     g = torch.randn(COUT, CIN // 2, 3, 3, dtype=torch.float64)
 
     def loss(fn):
         return lambda lv, s: (fn(branches, lv, s, 3, 2, CIN, ident, prior) * g).sum()
-    fast = torch.func.grad(loss(K.squeeze), argnums=(0, 1))(leaves, scales)
-    ref = torch.func.grad(loss(K.squeeze_reference), argnums=(0, 1))(leaves, scales)
+    fast = torch.func.grad(loss(S.squeezed_kernel), argnums=(0, 1))(leaves, scales)
+    ref = torch.func.grad(loss(S.squeezed_kernel_reference), argnums=(0, 1))(leaves, scales)
     for n in leaves:
         assert rel_err(fast[0][n], ref[0][n]) <= 1e-12
     assert rel_err(fast[1], ref[1]) <= 1e-12
@@ -218,7 +218,7 @@ def test_extension_vector_paths_against_the_reference(k, m, groups, threads, ext
     and two threads (the threads share the input channels and sum the scales' gradients), against
     autograd through the reference in float64: value and every gradient (the extension ran)."""
     cin = cout = 24
-    branches = K.SQUEEZE_BRANCHES
+    branches = ALL
     leaves, scales, ident, prior = _case(branches, k, groups, 'vector', m=m, seed=k + m,
                                          cin=cin, cout=cout)
     inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
@@ -226,12 +226,12 @@ def test_extension_vector_paths_against_the_reference(k, m, groups, threads, ext
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = K.squeeze(branches, leaves, scales, k, groups, cin, ident, prior)
+        out = S.squeezed_kernel(branches, leaves, scales, k, groups, cin, ident, prior)
         grads = torch.autograd.grad(out, inputs, g)
     finally:
         torch.set_num_threads(before)
     assert [name for name, _ in extension_calls] == ['squeeze_forward', 'squeeze_backward']
-    ref = K.squeeze_reference(branches, leaves, scales, k, groups, cin, ident, prior)
+    ref = S.squeezed_kernel_reference(branches, leaves, scales, k, groups, cin, ident, prior)
     assert rel_err(out, ref) <= 1e-13
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
         assert rel_err(a, b) <= 1e-12
@@ -239,15 +239,15 @@ def test_extension_vector_paths_against_the_reference(k, m, groups, threads, ext
 
 def test_extension_float32_against_the_float64_reference():
     """float32 (what models train in): within float32 rounding of the float64 reference."""
-    branches = K.SQUEEZE_BRANCHES
+    branches = ALL
     leaves, scales, ident, prior = _case(branches, 3, 1, 'vector', m=8, cin=32, cout=48)
     single = {n: t.float().requires_grad_() for n, t in leaves.items()}
     s32 = scales.float().requires_grad_()
-    out = K.squeeze(branches, single, s32, 3, 1, 32, ident.float(), prior.float())
+    out = S.squeezed_kernel(branches, single, s32, 3, 1, 32, ident.float(), prior.float())
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(single.values()) + [s32], g)
     inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
-    ref = K.squeeze_reference(branches, leaves, scales, 3, 1, 32, ident, prior)
+    ref = S.squeezed_kernel_reference(branches, leaves, scales, 3, 1, 32, ident, prior)
     assert rel_err(out, ref) <= 1e-6
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g.double())):
         assert rel_err(a, b) <= 1e-5
@@ -275,12 +275,13 @@ def test_extension_runs_the_cpu_training_step_and_not_the_flop_count(extension_c
 def test_a_missing_extension_is_said_and_the_operators_give_the_same_kernel(monkeypatch):
     """A source tree used without its build step: one warning naming the extension and how to
     build it, and torch's operators compute the same kernel."""
-    leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, 3, 1, 'vector', m=8)
-    built = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
-    monkeypatch.setattr(K, '_squeeze_cpu', None)
-    monkeypatch.setattr(K, '_NOT_BUILT', ImportError('No module named mmorepa._squeeze_cpu'))
+    leaves, scales, ident, prior = _case(ALL, 3, 1, 'vector', m=8)
+    built = S.squeezed_kernel(ALL, leaves, scales, 3, 1, CIN, ident, prior)
+    monkeypatch.setattr(extension, 'squeeze_cpu', None)
+    monkeypatch.setattr(extension, 'unavailable_reason',
+                        lambda: 'No module named mmorepa._squeeze_cpu')
     with pytest.warns(RuntimeWarning, match=r'_squeeze_cpu is not built .*pip install -e \.'):
-        out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, 3, 1, CIN, ident, prior)
+        out = S.squeezed_kernel(ALL, leaves, scales, 3, 1, CIN, ident, prior)
     assert rel_err(out, built) <= 1e-13
 
 
@@ -289,17 +290,17 @@ def test_channels_last_gradient_is_read_in_place(k, m, groups, extension_calls):
     """A channels-last gradient of the squeezed kernel (a channels-last model's conv, or
     torch.compile's layout on the CPU) goes to the extension as it is when there is no 1x1-kxk
     pair: the same gradients as autograd through the reference (float64)."""
-    branches = tuple(b for b in K.SQUEEZE_BRANCHES if b != '1x1_kxk')
+    branches = tuple(b for b in ALL if b != PAIR)
     leaves, scales, ident, prior = _case(branches, k, groups, 'vector', m=m, cin=16, cout=24)
     inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
     g = torch.randn(24, 16 // groups, k, k, dtype=torch.float64)
     g_cl = g.contiguous(memory_format=torch.channels_last)
     assert not g_cl.is_contiguous()
-    out = K.squeeze(branches, leaves, scales, k, groups, 16, None, prior)
+    out = S.squeezed_kernel(branches, leaves, scales, k, groups, 16, None, prior)
     grads = torch.autograd.grad(out, inputs, g_cl)
     # read as (C_out, k * k, C_in / g), not copied: the backward's last argument, taps_outer
     assert [a[-1] for name, a in extension_calls if name == 'squeeze_backward'] == [True]
-    ref = K.squeeze_reference(branches, leaves, scales, k, groups, 16, None, prior)
+    ref = S.squeezed_kernel_reference(branches, leaves, scales, k, groups, 16, None, prior)
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
         assert rel_err(a, b) <= 1e-12
 
@@ -308,13 +309,30 @@ def test_channels_last_gradient_is_read_in_place(k, m, groups, extension_calls):
 def test_sizes_beyond_the_extension_take_the_operators(k, m, extension_calls):
     """Kernels above 11 x 11 and dw-pw expansions above 64 (beyond the extension's registers)
     take torch's operators, with the reference's value and gradients."""
-    leaves, scales, ident, prior = _case(K.SQUEEZE_BRANCHES, k, 1, 'vector', m=m)
+    leaves, scales, ident, prior = _case(ALL, k, 1, 'vector', m=m)
     inputs = [t.requires_grad_() for t in leaves.values()] + [scales.requires_grad_()]
-    out = K.squeeze(K.SQUEEZE_BRANCHES, leaves, scales, k, 1, CIN, ident, prior)
+    out = S.squeezed_kernel(ALL, leaves, scales, k, 1, CIN, ident, prior)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, g)
     assert extension_calls == []
-    ref = K.squeeze_reference(K.SQUEEZE_BRANCHES, leaves, scales, k, 1, CIN, ident, prior)
+    ref = S.squeezed_kernel_reference(ALL, leaves, scales, k, 1, CIN, ident, prior)
     assert rel_err(out, ref) <= 1e-13
     for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
         assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize('branch', B.OREPA_BRANCHES + B.REP1X1_BRANCHES[1:],
+                         ids=lambda b: b.name)
+def test_each_branch_costs_the_multiply_adds_its_record_says(branch):
+    """A squeeze of one branch costs (FlopCounterMode: 2 FLOPs per multiply-add) the
+    multiply-adds of its record's ``macs``, grouped, forward alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+    k, groups = (1, 2) if branch is B.ONE_BY_ONE_1X1 else (3, 2)
+    leaves, scales, ident, prior = _case((branch.name, ), k, groups, 'vector', m=3, cin=8,
+                                         cout=12)
+    with FlopCounterMode(display=False) as counter:
+        S.squeezed_kernel((branch.name, ), leaves, scales, k, groups, 8, ident, prior)
+    shapes = [leaves[a].shape for a in branch.attrs()]
+    assert counter.get_total_flops() == 2 * branch.macs(shapes)
+    if branch.conv_pair or branch.extension == 'dw_pw':
+        assert branch.macs(shapes) > 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmorepa import kernels as K
+from mmorepa.ops import algebra as K
 
 from helpers import rel_err
 
@@ -106,17 +106,6 @@ def test_fuse_bn():
     ref = F.batch_norm(F.conv2d(x, w, b, padding=1), mean, var, gamma, beta, False, 0.0, 1e-5)
     fw, fb = K.fuse_bn(w, b, mean, var, gamma, beta, 1e-5)
     assert rel_err(F.conv2d(x, fw, fb, padding=1), ref) < 1e-13
-
-
-def test_scaled_sum_modes():
-    g = torch.Generator().manual_seed(4)
-    ks = [torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
-    vec = torch.randn(2, 3, generator=g, dtype=torch.float64)
-    want = vec[0].reshape(-1, 1, 1, 1) * ks[0] + vec[1].reshape(-1, 1, 1, 1) * ks[1]
-    assert rel_err(K.scaled_sum(ks, vec), want) < 1e-14
-    sc = torch.randn(2, 1, generator=g, dtype=torch.float64)
-    assert rel_err(K.scaled_sum(ks, sc), sc[0] * ks[0] + sc[1] * ks[1]) < 1e-14
-    assert rel_err(K.scaled_sum(ks, None), ks[0] + ks[1]) == 0
 
 
 def test_kernel_functions_gradcheck():

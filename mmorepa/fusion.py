@@ -1,4 +1,5 @@
-"""One generic walker that fuses every re-parameterizable block of a model."""
+"""Fusion of a whole model: :func:`reparameterize` (one generic walker that fuses every
+re-parameterizable block) and :func:`unfused_eval` (its un-fused reference)."""
 import contextlib
 import copy
 
