@@ -17,10 +17,11 @@ weights, int8 activations calibrated on real inputs). Around it:
   kernel on its per-channel int8 grid (:class:`mmorepa.layers.ReparamConv2d`), docs/int8.md.
 """
 import contextlib
+import copy
 import math
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,19 +39,41 @@ CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
 
 
 # -- quantize ---------------------------------------------------------------------------------------
-def quantize_int8(fp32_path, output, inputs: Sequence[np.ndarray], method: str = 'minmax'):
+def quantize_int8(fp32_path, output, inputs: Iterable[np.ndarray], method: str = 'minmax'):
     """Quantize the ONNX file ``fp32_path`` with onnxruntime (QDQ, int8 per-channel symmetric
-    weights, int8 activations calibrated by ``method`` on ``inputs``, a list of float32 arrays
-    for the graph's one input) and write ``output`` atomically. Returns the float model that was
-    quantized (``fp32_path`` after onnxruntime's pre-processing), an ``onnx.ModelProto``."""
+    weights, int8 activations calibrated by ``method`` on ``inputs``: float32 arrays for the
+    graph's one input, read one at a time as the calibrator asks for them) and write ``output``
+    atomically. Returns the float model that was quantized (``fp32_path`` after onnxruntime's
+    pre-processing), an ``onnx.ModelProto``."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    calibrate = _calibration_method(method)
+    reader = _calibration_reader(_input_name(fp32_path), inputs)
+    with tempfile.TemporaryDirectory(prefix='mmorepa-quantize-') as tmp:
+        pre = str(Path(tmp) / 'preprocessed.onnx')
+        quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
+        atomic_write(output, lambda path: quantize_static(
+            pre, path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=calibrate))
+        return onnx.load(pre)
+
+
+def _calibration_method(method: str):
+    """onnxruntime's ``CalibrationMethod`` named by ``method`` (one of CALIBRATION_METHODS)."""
+    from onnxruntime.quantization import CalibrationMethod
     if method not in CALIBRATION_METHODS:
         raise MMOrepaError(f'unknown calibration method {method!r}; expected one of '
                            f'{list(CALIBRATION_METHODS)}')
-    name = _input_name(fp32_path)
+    return {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
+            'percentile': CalibrationMethod.Percentile}[method]
+
+
+def _calibration_reader(name: str, inputs: Iterable[np.ndarray]):
+    """onnxruntime's ``CalibrationDataReader`` over ``inputs``, fed to the input ``name``: each
+    array is read when the calibrator asks for it."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -60,16 +83,7 @@ def quantize_int8(fp32_path, output, inputs: Sequence[np.ndarray], method: str =
             x = next(self.batches, None)
             return None if x is None else {name: x}
 
-    calibrate = {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
-                 'percentile': CalibrationMethod.Percentile}[method]
-    with tempfile.TemporaryDirectory(prefix='mmorepa-quantize-') as tmp:
-        pre = str(Path(tmp) / 'preprocessed.onnx')
-        quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
-        atomic_write(output, lambda path: quantize_static(
-            pre, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            calibrate_method=calibrate))
-        return onnx.load(pre)
+    return Reader()
 
 
 def _input_name(path) -> str:
@@ -78,32 +92,65 @@ def _input_name(path) -> str:
 
 
 # -- run and compare --------------------------------------------------------------------------------
-def run_onnx(model, inputs: Sequence[np.ndarray]) -> List[List[np.ndarray]]:
+class OnnxGraph:
+    """An ONNX model (a path or an ``onnx.ModelProto``) in one onnxruntime session on the CPU;
+    calling it on an input batch returns the list of its outputs.
+
+    ``as_written=True`` (the analysis): onnxruntime's graph optimizations are off. They leave a
+    whole QDQ model's outputs as they are, but rewrite the partly quantized variants (a float
+    Conv fed by ``DequantizeLinear``) into something that computes otherwise: on the demo
+    classifier the activations-only variant came out at 23.4 dB with them, below the whole INT8
+    model's 31.3 dB, and at 32.8 dB without them. ``as_written=False``: onnxruntime's defaults,
+    as a deployment runs the file."""
+
+    def __init__(self, model, as_written: bool = True):
+        import onnxruntime as ort
+        source = model.SerializeToString() if hasattr(model, 'SerializeToString') else str(model)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if as_written:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(source, options, providers=['CPUExecutionProvider'])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> List[np.ndarray]:
+        return self.session.run(None, {self.input_name: x})
+
+
+def run_onnx(model, inputs: Iterable[np.ndarray]) -> List[List[np.ndarray]]:
     """Outputs of ``model`` (a path or an ``onnx.ModelProto``) on each input batch, computed as
-    the graph says: onnxruntime's graph optimizations are off. They leave a whole QDQ model's
-    outputs as they are, but rewrite the partly quantized variants (a float Conv fed by
-    ``DequantizeLinear``) into something that computes otherwise: on the demo classifier the
-    activations-only variant came out at 23.4 dB with them, below the whole INT8 model's
-    31.3 dB, and at 32.8 dB without them."""
-    import onnxruntime as ort
-    source = model.SerializeToString() if hasattr(model, 'SerializeToString') else str(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(source, options, providers=['CPUExecutionProvider'])
-    name = session.get_inputs()[0].name
-    return [session.run(None, {name: x}) for x in inputs]
+    the graph says (:class:`OnnxGraph`)."""
+    graph = OnnxGraph(model)
+    return [graph(x) for x in inputs]
 
 
-def sqnr_db(reference: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[np.ndarray]]) -> float:
-    """``10 log10(sum ref^2 / sum (ref - test)^2)`` over all batches and outputs (float64)."""
-    signal = noise = 0.0
-    for refs, tests in zip(reference, test):
-        for r, t in zip(refs, tests):
+class RunningSqnr:
+    """Output SQNR accumulated batch by batch: the sums of signal and noise energy (float64)
+    over every output of every batch given to :meth:`update`."""
+
+    def __init__(self):
+        self.signal = self.noise = 0.0
+
+    def update(self, reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> None:
+        """Add one batch: ``reference`` and ``test`` are the same outputs of two models."""
+        for r, t in zip(reference, test):
             r = np.asarray(r, np.float64)
-            signal += float((r ** 2).sum())
-            noise += float(((r - np.asarray(t, np.float64)) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+            self.signal += float((r ** 2).sum())
+            self.noise += float(((r - np.asarray(t, np.float64)) ** 2).sum())
+
+    @property
+    def db(self) -> float:
+        """``10 log10(signal / noise)``; infinite without noise."""
+        return math.inf if self.noise == 0 else 10 * math.log10(self.signal / self.noise)
+
+
+def sqnr_db(reference: Iterable[Sequence[np.ndarray]],
+            test: Iterable[Sequence[np.ndarray]]) -> float:
+    """``10 log10(sum ref^2 / sum (ref - test)^2)`` over all batches and outputs (float64)."""
+    sqnr = RunningSqnr()
+    for refs, tests in zip(reference, test):
+        sqnr.update(refs, tests)
+    return sqnr.db
 
 
 # -- partly quantized variants ----------------------------------------------------------------------
@@ -302,34 +349,118 @@ def weight_stats(fused: nn.Module) -> List[dict]:
 
 
 # -- INT8 inside the toolbox's model ----------------------------------------------------------------
-@contextlib.contextmanager
-def onnx_features(model: nn.Module, session, classifier: bool):
-    """Within the context ``model`` takes what the exported file computes from onnxruntime's
-    ``session``: a classifier's logits (its head passes them on to its own prediction code), else
-    the feature maps of ``extract_feat`` (backbone and neck) feeding the PyTorch heads. The
-    toolbox's own ``predict`` and the config's evaluator run unchanged."""
-    name = session.get_inputs()[0].name
+class OnnxFeatures(nn.Module):
+    """Computes with onnxruntime's ``session`` what the exported file computes from the data
+    preprocessor's output: the feature maps of backbone and neck (or a classifier's logits), as
+    a tuple of tensors on the input's device."""
 
-    def extract_feat(inputs, *args, **kwargs):
-        outs = session.run(None, {name: inputs.detach().cpu().float().numpy()})
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, inputs: torch.Tensor) -> tuple:
+        outs = self.session.run(None, {self.input_name: inputs.detach().cpu().float().numpy()})
         return tuple(torch.from_numpy(o).to(inputs.device) for o in outs)
 
-    patched = [(model, 'extract_feat')] + ([(model.head, 'forward')] if classifier else [])
-    model.extract_feat = extract_feat
+
+class ExportedLogits(nn.Module):
+    """A classifier's head when its backbone is the exported file (:class:`OnnxFeatures`),
+    which computed the head's logits already: ``forward`` passes them on (the last of the
+    features), ``predict`` gives them to the head's own post-processing (mmpretrain's
+    ``ClsHead._get_predictions``: scores, labels, multi-label thresholds)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, feats) -> torch.Tensor:
+        return feats[-1]
+
+    def predict(self, feats, data_samples=None, **kwargs):
+        return self.head._get_predictions(self(feats), data_samples)
+
+
+@contextlib.contextmanager
+def onnx_features(model: nn.Module, session, classifier: bool):
+    """Within the context ``model`` (a toolbox model: backbone, optional neck, heads) computes
+    its backbone and neck with onnxruntime's ``session`` of the exported file: ``model.backbone``
+    is an :class:`OnnxFeatures`, ``model.neck`` (if any) an ``nn.Identity`` and, for a
+    classifier (whose file ends with the head's logits), ``model.head`` an
+    :class:`ExportedLogits`. The toolbox's own ``predict`` and the config's evaluator run
+    unchanged; on exit the model's own modules are back in place."""
+    swaps = {'backbone': OnnxFeatures(session)}
+    if getattr(model, 'neck', None) is not None:
+        swaps['neck'] = nn.Identity()
     if classifier:
-        model.head.forward = lambda feats: feats[-1]
+        swaps['head'] = ExportedLogits(model.head)
+    own = {name: getattr(model, name) for name in swaps}
     try:
+        for name, module in swaps.items():
+            setattr(model, name, module)
         yield model
     finally:
-        for obj, attr in patched:
-            del obj.__dict__[attr]
+        for name, module in own.items():
+            setattr(model, name, module)
+
+
+# -- FP32 against INT8 on a data set, batch by batch ------------------------------------------------
+class Int8Comparison:
+    """What :func:`compare_on_batches` needs besides the data: the fused toolbox ``model`` (its
+    data preprocessor, FP32 predictions), ``int8`` (an onnxruntime session of the INT8 file, as
+    deployed: onnxruntime's defaults), whether the model is a ``classifier``, one ``evaluators``
+    entry per side (``'fp32'``, ``'int8'``: mmengine ``Evaluator`` objects, their
+    ``dataset_meta`` set), and the two files as written (:class:`OnnxGraph`: ``fp32_graph``,
+    ``int8_graph``) whose outputs give the output SQNR."""
+
+    def __init__(self, model, int8, classifier, evaluators, fp32_graph, int8_graph):
+        self.model, self.int8, self.classifier = model, int8, classifier
+        self.evaluators = evaluators
+        self.fp32_graph, self.int8_graph = fp32_graph, int8_graph
+        self.sqnr = RunningSqnr()
+
+    def add(self, data_batch) -> np.ndarray:
+        """One batch of the data loader: both sides' predictions go to their evaluators, both
+        files' outputs to the running SQNR. Returns the preprocessed inputs (float32 NCHW)."""
+        data = self.model.data_preprocessor(data_batch, False)
+        samples = data.get('data_samples')
+        with torch.no_grad():  # the heads write their predictions into the samples they get
+            fp32 = self.model(**dict(data, data_samples=copy.deepcopy(samples)), mode='predict')
+            self.evaluators['fp32'].process(data_samples=fp32, data_batch=data_batch)
+            with onnx_features(self.model, self.int8, self.classifier):
+                int8 = self.model(**data, mode='predict')
+            self.evaluators['int8'].process(data_samples=int8, data_batch=data_batch)
+        x = data['inputs'].detach().cpu().float().numpy()
+        self.sqnr.update(self.fp32_graph(x), self.int8_graph(x))
+        return x
+
+    def metrics(self, size: int) -> Dict[str, Dict[str, float]]:
+        """Each side's metrics over the ``size`` images of the data set."""
+        return {side: {k: float(v) for k, v in e.evaluate(size).items()}
+                for side, e in self.evaluators.items()}
+
+
+def compare_on_batches(comparison: Int8Comparison, batches: Iterable, size: int,
+                       sample_batches: int = 0):
+    """Run ``comparison`` over ``batches`` (the test data loader's, one at a time): returns the
+    metrics of each side over the ``size`` images, the output SQNR over all outputs and the
+    preprocessed inputs of the first ``sample_batches`` batches (what the per-layer analysis
+    runs on). Memory holds one batch, the sample and what the evaluators keep."""
+    sample = []
+    for data_batch in batches:
+        x = comparison.add(data_batch)
+        if len(sample) < sample_batches:
+            sample.append(x)
+    return comparison.metrics(size), comparison.sqnr.db, sample
 
 
 # -- the training recipe ----------------------------------------------------------------------------
-def squeezed_kernels(model: nn.Module) -> List[torch.Tensor]:
-    """The squeezed kernel of every re-parameterized conv of ``model``, nested ones (a large-kernel
-    stem's generators) included: the kernels :class:`CrestPenaltyOptimWrapper` records."""
-    return [m.squeezed_kernel_and_bias()[0] for m in _reparam_layers(model)]
+def squeezed_kernels(model) -> List[torch.Tensor]:
+    """The squeezed kernel of every re-parameterized conv of ``model`` (a module, or a list of
+    re-parameterized convs), nested ones (a large-kernel stem's generators) included: the
+    kernels :class:`CrestPenaltyOptimWrapper` penalizes."""
+    layers = _reparam_layers(model) if isinstance(model, nn.Module) else model
+    return [m.squeezed_kernel_and_bias()[0] for m in layers]
 
 
 def _reparam_layers(model: nn.Module) -> List[ReparamConv2d]:
@@ -352,51 +483,32 @@ def crest_penalty(kernels: Sequence[torch.Tensor]) -> torch.Tensor:
 @OPTIM_WRAPPERS.register_module()
 class CrestPenaltyOptimWrapper(OptimWrapper):
     """mmengine's ``OptimWrapper`` that adds ``crest_weight * crest_penalty(kernels)`` to the loss
-    at each step, ``kernels`` being the squeezed kernels of every re-parameterized conv (which
-    exist at every OREPA training step): those the forward pass computed are recorded within
-    :meth:`optim_context` and reused (the penalty's gradient joins the loss's in the same squeeze
-    node); a layer that ran its 1x1-kxk pair on the feature maps is squeezed in full. The fused kernels
-    come out with flatter output channels, which per-channel int8 rounds more finely. Nothing
-    changes at inference; the deployed model is the stock network."""
+    at each step, ``kernels`` being the squeezed kernels of every re-parameterized conv of the
+    model whose forward pass ran in :meth:`optim_context` (each squeezed once more for the
+    penalty, which exists at every OREPA training step). The fused kernels come out with flatter
+    output channels, which per-channel int8 rounds more finely. Nothing changes at inference;
+    the deployed model is the stock network."""
 
     def __init__(self, crest_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         if not crest_weight >= 0:
             raise MMOrepaError(f'crest_weight must be >= 0, got {crest_weight!r}')
         self.crest_weight = float(crest_weight)
-        self._layers, self._kernels = [], {}
+        self._layers = []
 
     @contextlib.contextmanager
     def optim_context(self, model: nn.Module):
-        """The forward pass, with each re-parameterized conv's ``squeeze`` recording the full
-        kernel it returns (an instance attribute set here and removed on exit); a layer that
-        squeezed only part of it (the pair on the feature maps) is squeezed in full later."""
+        """The forward pass; the re-parameterized convs of ``model`` are the ones the next
+        :meth:`update_params` penalizes."""
         self._layers = _reparam_layers(model)
-        self._kernels = {}
-
-        def recording(layer, squeeze):
-            def squeeze_and_record(*args, **kwargs):
-                kernel, bias = squeeze(*args, **kwargs)
-                if not args and not kwargs:
-                    self._kernels[layer] = kernel
-                return kernel, bias
-            return squeeze_and_record
-
-        for m in self._layers:
-            m.squeezed_kernel_and_bias = recording(m, m.squeezed_kernel_and_bias)
-        try:
-            with super().optim_context(model):
-                yield
-        finally:
-            for m in self._layers:
-                del m.__dict__['squeezed_kernel_and_bias']
+        with super().optim_context(model):
+            yield
 
     def update_params(self, loss: torch.Tensor, **kwargs) -> None:
         if self.crest_weight and self._layers:
-            penalty = crest_penalty([self._kernels[m] if m in self._kernels else m.squeezed_kernel_and_bias()[0]
-                                     for m in self._layers])
+            penalty = crest_penalty(squeezed_kernels(self._layers))
             MessageHub.get_current_instance().update_scalar('train/crest_penalty',
                                                             penalty.item())
             loss = loss + self.crest_weight * penalty
-        self._layers, self._kernels = [], {}
+        self._layers = []
         super().update_params(loss, **kwargs)

@@ -76,6 +76,8 @@ def test_quantize_writes_a_valid_int8_file_and_the_metrics(quantized, tiny):
     assert set(result['sqnr_db_by_side']) == {'weights only', 'activations only'}
     assert any(r['layer'].endswith('/head/fc/Gemm') for r in result['layers'])
     assert 'output SQNR, INT8 vs FP32' in stdout and 'accuracy/top1' in stdout
+    # one summary: neither the runner's config dump nor per-batch log lines (--verbose)
+    assert 'Config:' not in stdout and 'test set [' not in stdout
 
 
 def _tool():
@@ -110,6 +112,103 @@ def test_quantize_refusals_are_one_line(tiny, tmp_path, capsys):
     assert ckpt.stat().st_size > 1000
 
 
+def test_quantize_argument_errors_are_one_line(tiny, capsys):
+    """argparse's own errors too: one line on stderr, exit status 1."""
+    base, ckpt, _ = tiny
+    tool = _tool()
+    for args, message in [([CLS_CFG, ckpt], 'required: output'),
+                          ([CLS_CFG, ckpt, base / 'a.onnx', '--bogus'], '--bogus'),
+                          ([CLS_CFG, ckpt, base / 'a.onnx', '--calib-batches', 'x'], "'x'"),
+                          ([CLS_CFG, ckpt, base / 'a.onnx', '--calib-method', 'mse'], "'mse'"),
+                          ([CLS_CFG, ckpt, base / 'a.onnx', '--analysis-batches', '0'],
+                           '--analysis-batches must be')]:
+        with pytest.raises(SystemExit) as exit_:
+            tool.run_tool(tool.main, [str(a) for a in args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.count('\n') == 1 and message in err, (args, err)
+    assert not (base / 'a.onnx').exists()
+
+
+class _Recorded:
+    """An :class:`mmorepa.quantization.OnnxGraph` that keeps every output it computes."""
+
+    def __init__(self, graph):
+        self.graph, self.outputs = graph, []
+
+    def __call__(self, x):
+        out = self.graph(x)
+        self.outputs.append(out)
+        return out
+
+
+def _tiny_fused_classifier(tiny):
+    """The tiny classifier of ``tiny`` (its data preprocessor, the config's test loader, two
+    Accuracy evaluators), fused, in eval mode."""
+    from mmengine.evaluator import Evaluator
+    from mmengine.runner import Runner
+    base, ckpt, opts = tiny
+    data = {o.split('=')[0]: o.split('=')[1] for o in opts if 'data_root' in o}
+    cfg = mmorepa.config.read_config(CLS_CFG, dict(TINY, **data))
+    cfg.model.data_preprocessor = dict(cfg.data_preprocessor)
+    cfg.test_dataloader.batch_size = 3  # 8 images: batches of 3, 3 and 2
+    model = mmorepa.config.build_model(cfg)
+    model.load_state_dict(torch.load(ckpt)['state_dict'])
+    model = mmorepa.reparameterize(model).eval()
+    loader = Runner.build_dataloader(cfg.test_dataloader)
+    evaluators = {side: Evaluator(cfg.test_evaluator) for side in ('fp32', 'int8')}
+    return model, loader, evaluators
+
+
+def test_streaming_comparison_equals_all_outputs_at_once(tiny, tmp_path):
+    """quantize.py's one pass over the test set (batch by batch into the evaluators and a
+    running SQNR) gives the metrics and the SQNR computed over all outputs at once: top-1 from
+    the concatenated logits of both sides, the SQNR from the concatenated outputs of both files
+    as written; and the model's own modules are back after the INT8 predictions."""
+    import onnx
+    import onnxruntime as ort
+    model, loader, evaluators = _tiny_fused_classifier(tiny)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / 'fp32.onnx'
+    torch.onnx.export(_Logits(model), (x, ), str(path), input_names=['input'], dynamo=False,
+                      dynamic_axes={'input': {0: 'batch'}}, opset_version=17)
+    calib = [np.random.RandomState(i).randn(4, 3, 64, 64).astype(np.float32) for i in range(2)]
+    fp32 = Q.quantize_int8(path, tmp_path / 'int8.onnx', iter(calib))
+    qdq = onnx.load(str(tmp_path / 'int8.onnx'))
+    int8 = ort.InferenceSession(str(tmp_path / 'int8.onnx'), providers=['CPUExecutionProvider'])
+    graphs = _Recorded(Q.OnnxGraph(fp32)), _Recorded(Q.OnnxGraph(qdq))
+    own = model.backbone, model.neck, model.head
+    comparison = Q.Int8Comparison(model, int8, True, evaluators, *graphs)
+    metrics, sqnr, inputs = Q.compare_on_batches(comparison, loader, len(loader.dataset), 10)
+    assert (model.backbone, model.neck, model.head) == own
+    assert [len(b) for b in inputs] == [3, 3, 2]
+    # the SQNR over all outputs at once
+    ref, test = (np.concatenate([o[0] for o in g.outputs]).astype(np.float64) for g in graphs)
+    expected = 10 * np.log10((ref ** 2).sum() / ((ref - test) ** 2).sum())
+    assert 5 < sqnr < 80 and abs(sqnr - expected) <= 1e-9 * expected
+    # top-1 over all logits at once: FP32 from the fused PyTorch model, INT8 from the file
+    labels = np.array([loader.dataset.get_data_info(i)['gt_label']
+                       for i in range(len(loader.dataset))])
+    with torch.no_grad():
+        logits = {'fp32': np.concatenate([model(torch.from_numpy(b), mode='tensor').numpy()
+                                          for b in inputs]),
+                  'int8': np.concatenate([int8.run(None, {'input': b})[0] for b in inputs])}
+    for side, value in logits.items():
+        top1 = 100 * float((value.argmax(1) == labels).mean())
+        assert metrics[side]['accuracy/top1'] == pytest.approx(top1, abs=1e-9), side
+    assert not np.array_equal(logits['fp32'], logits['int8'])
+
+
+class _Logits(nn.Module):
+    """A classifier's logits from the data preprocessor's output (what is exported)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, mode='tensor')
+
+
 class _TinyNet(nn.Module):
     def __init__(self, fake_quant_bits=None):
         super().__init__()
@@ -142,15 +241,17 @@ def test_crest_penalty_reaches_every_branch_and_fusion_stays_exact():
         crest_weight=0.5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with wrapper.optim_context(model):
         loss = model(x).square().mean()
-    # each re-parameterized conv's squeeze ran once (the stem's generators are such convs too)
+    # every re-parameterized conv is penalized (the stem's generators are such convs too)
     assert len(wrapper._layers) == len(Q.squeezed_kernels(model)) == 5
-    assert 'squeezed_kernel_and_bias' not in vars(model.conv)
     wrapper.update_params(loss)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    ref_opt.zero_grad()
-    (ref(x).square().mean() + 0.5 * Q.crest_penalty(Q.squeezed_kernels(ref))).backward()
-    ref_opt.step()
+    plain = copy.deepcopy(ref)
+    for net, weight in ((ref, 0.5), (plain, 0.0)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        opt.zero_grad()
+        (net(x).square().mean() + weight * Q.crest_penalty(Q.squeezed_kernels(net))).backward()
+        opt.step()
     assert rel_err(model.conv.weight_kxk.detach(), ref.conv.weight_kxk.detach()) < 1e-6
+    assert rel_err(model.conv.weight_kxk.detach(), plain.conv.weight_kxk.detach()) > 1e-4
     before = Q.crest_factor(ref.conv.squeezed_kernel_and_bias()[0]).mean()
     # trained with the recipe, the fused model (plain convs) still equals the un-fused one
     model.eval().double()
