@@ -22,6 +22,7 @@ from mmengine.registry import DefaultScope
 from ...layers.base import ReparamConv2d
 from ...layers.offline import DiverseBranchBlock
 from ...reparameterize import fuse_convs_, norm_taking_bias
+from .branch_seeding import seed_plain_convs
 
 _CLASSES: Dict[type, type] = {}
 
@@ -151,6 +152,7 @@ class ReparamBackboneMixin:
             kwargs['deploy'] = deploy
         super().__init__(*args, **kwargs)
         self.deploy = deploy
+        self.register_load_state_dict_pre_hook(seed_plain_convs)
         if reparam_conv_cfg is not None and not deploy:
             check_conv_cfg(reparam_conv_cfg)
             kept = []
