@@ -1,4 +1,7 @@
 # RetinaNet with DBB-ResNet-50 (paper Table 5): the vanilla config, its backbone a DBB OREPAResNet.
+# Batch and lr: 8 GPUs x 2 images (batch 16), SGD lr 0.02. On another GPU count add
+# --cfg-options auto_scale_lr.enable=True (mmdet's base_batch_size=16: lr x batch / 16), as
+# mmdet's own configs leave it off and its train.py --auto-scale-lr turns it on.
 _base_ = './retinanet_r50_1x_coco.py'
 custom_imports = dict(imports=['mmorepa'], allow_failed_imports=False)
 model = dict(backbone=dict(

@@ -26,6 +26,7 @@ from ...fusion import fuse_convs_, norm_taking_bias
 from ...layers.base import ReparamConv2d
 from ...layers.dbb import DiverseBranchBlock
 from .plain_convs import PlainConvForm, plain_conv_form
+from .branch_seeding import seed_plain_convs
 
 _CLASSES: Dict[type, type] = {}
 
@@ -162,6 +163,7 @@ class ReparamBackboneMixin:
         super().__init__(*args, **kwargs)
         self.deploy = deploy
         self.convs_kept_plain = ()
+        self.register_load_state_dict_pre_hook(seed_plain_convs)
         if reparam_conv_cfg is not None and not deploy:
             check_conv_cfg(reparam_conv_cfg)
             kept = []
