@@ -16,9 +16,10 @@ from mmorepa.models.backbones.any_backbone import toolbox_backbone_names  # noqa
 
 NAMES = [(t, n) for t in sweep_backbones.TOOLBOXES for n in toolbox_backbone_names(t)
          if n != 'VGG']
-# conv ops of their own, never plain: what a kept conv may be
+# why a k x k conv may stay plain: a conv op of its own, an even or non-square kernel
 CONV_OPS = ('DeformConv2d', 'ModulatedDeformConv2d', 'SAConv2d', 'ConvAWS2d', 'ConvWS2d',
-            'Conv1d', 'Conv3d', 'ConvTranspose2d', 'kernel_size 1, 3 or odd')
+            'Conv1d', 'Conv3d', 'ConvTranspose2d', 'kernel_size 1, 3 or odd',
+            'an int or a square pair')
 
 
 @pytest.mark.parametrize('toolbox,name', NAMES, ids=[f'{t}-{n}' for t, n in NAMES])
