@@ -252,8 +252,6 @@ def test_cache_is_no_state_and_no_copy():
     _assert_fresh(clone, x)
 
 
-@pytest.mark.xfail(strict=True, reason='OREPA layers keep their ops.branches.Branch records, '
-                   'which hold lambdas: torch.save(model) cannot pickle them')
 def test_cache_is_not_saved_with_the_model():
     """torch.save(model) after an eval forward writes what it wrote before (within 2 %), and the
     loaded model fills its own cache."""

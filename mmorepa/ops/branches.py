@@ -94,6 +94,10 @@ class Branch:
     def attrs(self) -> Tuple[str, ...]:
         return tuple(leaf.attr for leaf in self.leaves)
 
+    def __reduce__(self):
+        # pickled by name (torch.save(model), deepcopy): the record is rebuilt from the registry
+        return (_branch_by_name, (self.name, ))
+
 
 @dataclass
 class SqueezeGrads:
@@ -394,6 +398,10 @@ OREPA_BRANCHES = (KXK, ONE_BY_ONE_AVG, ONE_BY_ONE_FREQ, ONE_BY_ONE_KXK, ONE_BY_O
 REP1X1_BRANCHES = (ONE_BY_ONE, ONE_BY_ONE_1X1)
 # Every branch by name.
 BRANCHES: Dict[str, Branch] = {b.name: b for b in OREPA_BRANCHES + REP1X1_BRANCHES}
+
+
+def _branch_by_name(name: str) -> Branch:
+    return BRANCHES[name]
 
 
 def names(branches: Sequence[Branch]) -> Tuple[str, ...]:
