@@ -28,8 +28,8 @@ from torch import Tensor
 from ...layers import (DiverseBranchBlock, OREPAConv1x1, OREPAConv2d, OREPALargeConv,
                        ReparamConv2d)
 from ...fusion import norm_taking_bias
+from ...layers.orepa import SCALINGS
 
-SCALINGS = ('vector', 'scalar', 'none')
 NORMS = (None, dict(type='BN'))
 
 
