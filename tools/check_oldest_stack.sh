@@ -19,11 +19,11 @@ VENV="$CACHE/oldest-stack"
 PY="$VENV/bin/python"
 # the tests that build no mmdet / mmseg model (test_packaging reads metadata with Python >= 3.10;
 # test_tools' demo trains a detector and a segmentor)
-TESTS=(tests/test_kernels.py tests/test_squeeze_function.py tests/test_install.py
-    tests/test_layers.py tests/test_routes.py tests/test_kernel_cache.py tests/test_compile.py
-    tests/test_checkpoint.py tests/test_official_import.py tests/test_deploy_configs.py
-    tests/test_quantize.py tests/test_analysis.py tests/test_tool_errors.py
-    tests/test_tool_refusals.py)
+TESTS=(tests/test_algebra.py tests/test_squeeze.py tests/test_squeeze_one_channel.py
+    tests/test_install.py tests/test_layers.py tests/test_routes.py tests/test_eval_cache.py
+    tests/test_compile.py tests/test_amp.py tests/test_checkpoint.py tests/test_official_import.py
+    tests/test_deploy_configs.py tests/test_quantize.py tests/test_export.py tests/test_analysis.py
+    tests/test_tool_errors.py tests/test_tool_outputs.py)
 NOT_MMDET_MMSEG='not (faster_rcnn or retinanet or pspnet or deeplabv3plus)'
 
 log() { printf '[oldest-stack] %s\n' "$*" >&2; }
