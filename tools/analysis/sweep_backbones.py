@@ -32,7 +32,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import mmorepa  # noqa: E402
-from mmorepa.deploy import deploy_config  # noqa: E402
+from mmorepa.deploy import deploy_config, features  # noqa: E402
 from mmorepa.layers import ReparamConv2d  # noqa: E402
 from mmorepa.models.backbones.any_backbone import toolbox_backbone_names  # noqa: E402
 from mmorepa.models.backbones.reparam_backbone import toolbox_registry  # noqa: E402
@@ -284,20 +284,8 @@ def sweep_arch(stock: type, name: str):
 
 
 def _outputs(model, x) -> torch.Tensor:
-    out = model(x)
-    flat = []
-
-    def collect(o):
-        if isinstance(o, torch.Tensor):
-            flat.append(o.flatten())
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                collect(v)
-        elif isinstance(o, dict):
-            for v in o.values():
-                collect(v)
-    collect(out)
-    return torch.cat(flat)
+    """A backbone's outputs, flattened into one vector (a backbone has no ``extract_feat``)."""
+    return features(model, x)
 
 
 def _randomize_norms_(model: nn.Module, generator: torch.Generator):
