@@ -133,13 +133,28 @@ def test_fused_checkpoint_loads_into_the_training_model_exactly(tiny_model, tiny
         load_checkpoint_strict(build_model(read_config(tiny_cfg)), bad)
 
 
-def test_fused_checkpoint_that_seeds_inexactly_is_refused(tiny_cfg, tmp_path):
-    """An 8-channel stem cannot take every plain 7x7 kernel (its 3x3 generators factor one
-    exactly only from 27 channels on): loading would change what the model computes."""
+def test_fused_checkpoint_seeds_a_narrow_stem_exactly(tiny_cfg, tmp_path):
+    """An 8-channel stem's 3x3 generators cannot compose every plain 7x7 kernel; the layer's
+    ``seed_kernel`` takes the rest, so the fused checkpoint loads exactly."""
     cfg = read_config(tiny_cfg, {'model.backbone.stem_channels': 8})
     model = randomize_network_(build_model(cfg), torch.Generator().manual_seed(2)).eval()
     path = tmp_path / 'fused.pth'
     torch.save(dict(state_dict=mmorepa.reparameterize(model).state_dict(),
                     meta=dict(mmorepa_fused_from='x.pth')), path)
-    with pytest.raises(CheckpointError, match=r'backbone\.conv1 .*exactly.*use the deploy config'):
+    loaded = load_checkpoint_strict(build_model(cfg), path).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), mmorepa.unfused_eval(model), mmorepa.unfused_eval(loaded):
+        assert rel_err(loaded(x, mode='tensor'), model(x, mode='tensor')) <= 1e-5
+
+
+def test_fused_checkpoint_that_seeds_inexactly_is_refused(tiny_cfg, tmp_path):
+    """Layers trained on an 8-bit grid (fake_quant_bits=8) compute the seeded kernel rounded:
+    loading a float fused checkpoint into them would change what the model computes."""
+    model = randomize_network_(build_model(read_config(tiny_cfg)),
+                               torch.Generator().manual_seed(2)).eval()
+    path = tmp_path / 'fused.pth'
+    torch.save(dict(state_dict=mmorepa.reparameterize(model).state_dict(),
+                    meta=dict(mmorepa_fused_from='x.pth')), path)
+    cfg = read_config(tiny_cfg, {'model.backbone.orepa_cfg': dict(fake_quant_bits=8)})
+    with pytest.raises(CheckpointError, match=r'backbone\..* exactly.*use the deploy config'):
         load_checkpoint_strict(build_model(cfg), path)

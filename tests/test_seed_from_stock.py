@@ -240,7 +240,7 @@ def test_other_models_checkpoints_are_never_half_loaded_silently(tmp_path):
         model.init_weights()
     text = log.text()
     assert 'do not match exactly' in text and 'size mismatch for layer1.0.conv1.weight' in text
-    # a stem narrower than 9 x 3 input channels cannot be factored exactly: said, with the error
+    # a stem narrower than 9 x 3 input channels: the seed kernel takes what the 3x3s cannot
     narrow = registry.build(dict(type='ResNet', depth=18, stem_channels=16, base_channels=16))
     path = _save(randomize_network_(narrow), tmp_path / 'narrow.pth')
     model = registry.build(dict(type='OREPAResNet', depth=18, stem_channels=16,
@@ -249,7 +249,8 @@ def test_other_models_checkpoints_are_never_half_loaded_silently(tmp_path):
     with LogRecords() as log:
         model.init_weights()
     stem = [m for m in log.messages if m.startswith('conv1 (OREPALargeConv)')]
-    assert len(stem) == 1 and 'NOT exact (relative error' in stem[0]
+    assert len(stem) == 1 and 'squeezed kernel exact (relative error' in stem[0]
+    assert rel_err(model.conv1.squeezed_kernel_and_bias()[0], narrow.conv1.weight) <= 1e-6
     # and a plain-conv checkpoint does not go into a layer whose shape differs
     layer = OREPAConv2d(4, 8, 3)
     with pytest.raises(RuntimeError, match='size mismatch for weight'):
