@@ -334,5 +334,5 @@ def test_each_branch_costs_the_multiply_adds_its_record_says(branch):
         S.squeezed_kernel((branch.name, ), leaves, scales, k, groups, 8, ident, prior)
     shapes = [leaves[a].shape for a in branch.attrs()]
     assert counter.get_total_flops() == 2 * branch.macs(shapes)
-    if branch.conv_pair or branch.extension == 'dw_pw':
+    if branch.conv_pair or branch.extension == 'separable':
         assert branch.macs(shapes) > 0

@@ -71,12 +71,13 @@ class Branch:
     of the scale (``None`` unless ``grads.need_scales``) for the gradient of the squeezed kernel
     (:class:`SqueezeGrads`). ``macs(shapes)``: multiply-adds of forming the kernel from leaves of
     ``shapes`` (matrix products; element-wise work counts 0). ``extension``: the branch's kind in
-    the CPU extension (``'kxk'``, ``'fixed'``: a 1x1 followed by the fixed per-output-channel filter
-    ``fixed_filter(c_out, k, freq_prior, like)`` ``(C_out, k^2)``, ``'dw_pw'``), ``None`` for
-    torch's operators. ``full_size(k)``: the kernel is the leaf itself (the squeeze's sum starts
-    from it). ``conv_pair``: a 1x1 conv then a ``k x k`` conv, whose composition costs
-    ``C^3 k^2``; the layers' routes may compute it on the feature maps instead. ``buffers``: the
-    fixed tensors the layer registers for it (name, builder).
+    the CPU extension (``'full'``: a full-size kernel; ``'fixed'``: a 1x1 followed by the fixed
+    per-output-channel filter ``fixed_filter(c_out, k, freq_prior, like)`` ``(C_out, k^2)``;
+    ``'separable'``: a depthwise then a pointwise kernel), ``None`` for torch's operators.
+    ``full_size(k)``: the kernel is the leaf itself (the squeeze's sum starts from it).
+    ``conv_pair``: a 1x1 conv then a ``k x k`` conv, whose composition costs ``C^3 k^2``; the
+    layers' routes may compute it on the feature maps instead. ``buffers``: the fixed tensors the
+    layer registers for it (name, builder).
     """
     name: str
     leaves: Tuple[Leaf, ...]
@@ -102,11 +103,11 @@ class Branch:
 @dataclass
 class SqueezeGrads:
     """What every branch's backward reads: ``grad`` (contiguous) and ``g3`` (its
-    ``(C_out, C_in / g, k^2)`` view), ``fixed`` (branch name -> ``H[o, i] = sum_p G[o, i, p]
-    f_o[p]`` of each fixed-filter branch), ``need_scales``."""
+    ``(C_out, C_in / g, k^2)`` view), ``fixed`` (a fixed-filter branch's ``fixed_filter`` ->
+    ``H[o, i] = sum_p G[o, i, p] f_o[p]``), ``need_scales``."""
     grad: Tensor
     g3: Tensor
-    fixed: Dict[str, Tensor]
+    fixed: Dict[Callable, Tensor]
     need_scales: bool
 
 
@@ -231,11 +232,11 @@ def _freq_filter(c_out, k, freq_prior, like):
     return freq_prior.reshape(-1, k * k).to(like)
 
 
-def _fixed_backward(name: str):
+def _fixed_backward(fixed_filter: Callable):
     def backward(gr: SqueezeGrads, leaves, needs, scale, t: Terms):
         """A 1x1 ``w`` then the fixed filter ``f_o``: ``H[o, i] = sum_p G[o, i, p] f_o[p]``;
         ``dw = s H``; ``ds = <H, w>_o``."""
-        w, h = leaves[0], gr.fixed[name]
+        w, h = leaves[0], gr.fixed[fixed_filter]
         sv = _by_channel(scale, gr.grad.shape[0])
         dw = None
         if needs[0]:
@@ -338,13 +339,13 @@ KXK = Branch(
     name='kxk', scale_init=0.25,
     leaves=(Leaf('weight_kxk', _full, conv_init_, 'weight_orepa_origin'), ),
     kernel=_kxk_kernel, accumulate=_kxk_accumulate, backward=_kxk_backward,
-    extension='kxk', full_size=lambda k: True)
+    extension='full', full_size=lambda k: True)
 
 ONE_BY_ONE = Branch(
     name='1x1', scale_init=1.0,
     leaves=(Leaf('weight_1x1', _one_by_one, conv_init_, 'weight_orepa_1x1'), ),
     kernel=_one_by_one_kernel, accumulate=_one_by_one_accumulate,
-    backward=_fixed_backward('1x1'), extension='fixed', fixed_filter=_centre_filter,
+    backward=_fixed_backward(_centre_filter), extension='fixed', fixed_filter=_centre_filter,
     full_size=lambda k: k == 1)
 
 ONE_BY_ONE_KXK = Branch(
@@ -360,13 +361,13 @@ ONE_BY_ONE_KXK = Branch(
 ONE_BY_ONE_AVG = Branch(
     name='1x1_avg', scale_init=0.5,
     leaves=(Leaf('weight_1x1_avg', _one_by_one, conv_init_, 'weight_orepa_avg_conv'), ),
-    kernel=_avg_kernel, accumulate=_avg_accumulate, backward=_fixed_backward('1x1_avg'),
+    kernel=_avg_kernel, accumulate=_avg_accumulate, backward=_fixed_backward(_avg_filter),
     extension='fixed', fixed_filter=_avg_filter)
 
 ONE_BY_ONE_FREQ = Branch(
     name='1x1_freq', scale_init=0.0,
     leaves=(Leaf('weight_1x1_freq', _one_by_one, conv_init_, 'weight_orepa_pfir_conv'), ),
-    kernel=_freq_kernel, accumulate=_freq_accumulate, backward=_fixed_backward('1x1_freq'),
+    kernel=_freq_kernel, accumulate=_freq_accumulate, backward=_fixed_backward(_freq_filter),
     extension='fixed', fixed_filter=_freq_filter,
     buffers=(('freq_prior', lambda g: frequency_prior(g.out_channels, g.kernel_size)), ))
 
@@ -377,7 +378,7 @@ DW_PW = Branch(
             Leaf('weight_pw', lambda g: (g.out_channels, g.in_channels * g.dw_expansion // g.groups,
                                          1, 1), conv_init_, 'weight_orepa_gconv_pw')),
     kernel=_dw_pw_kernel, accumulate=_dw_pw_accumulate, backward=_dw_pw_backward,
-    macs=_dw_pw_macs, extension='dw_pw')
+    macs=_dw_pw_macs, extension='separable')
 
 # Rep-1x1's pair (Sec. 3.5): a 1x1-1x1 sequence of intermediate width min(C_in, C_out) whose
 # square factor starts as the identity, so that the pair starts as a plain learnable 1x1.

@@ -82,27 +82,27 @@ def _one_pass_operands(branches: Sequence[Branch], leaves, scales, terms: Terms)
         extension.warn_unavailable()
         return None
     by_kind = {kind: [r for r in rows if branches[r].extension == kind]
-               for kind in ('kxk', 'fixed', 'dw_pw')}
+               for kind in ('full', 'fixed', 'separable')}
     if k * k > ext.MAX_TAPS or any(
             leaves[branches[r].leaves[0].attr].shape[0] > ext.MAX_EXPANSION * terms.in_channels
-            for r in by_kind['dw_pw']):
+            for r in by_kind['separable']):
         return None
-    order = by_kind['kxk'] + by_kind['fixed'] + by_kind['dw_pw']
+    order = by_kind['full'] + by_kind['fixed'] + by_kind['separable']
     c_out = _out_channels(branches, leaves)
     if scales is None:
         rows_scales = leaves[names[0]].new_ones(len(order), c_out)
     else:
         rows_scales = scales[order].expand(len(order), c_out).contiguous()
     flat = lambda t: t.contiguous().reshape(t.shape[0], -1)  # noqa: E731
-    kxk = [flat(leaves[branches[r].leaves[0].attr]) for r in by_kind['kxk']]
-    dw_pw = [flat(t) for r in by_kind['dw_pw'] for t in _leaves_of(branches[r], leaves)]
+    full = [flat(leaves[branches[r].leaves[0].attr]) for r in by_kind['full']]
+    separable = [flat(t) for r in by_kind['separable'] for t in _leaves_of(branches[r], leaves)]
     fixed = [branches[r] for r in by_kind['fixed']]
     filters = rows_scales.new_zeros(len(fixed), c_out, k * k)
     for j, b in enumerate(fixed):
         filters[j] = b.fixed_filter(c_out, k, terms.freq_prior, rows_scales)
-    return (order, rows_scales, kxk[0] if kxk else None,
+    return (order, rows_scales, full[0] if full else None,
             [flat(leaves[b.leaves[0].attr]) for b in fixed], filters,
-            *(dw_pw if dw_pw else (None, None)))
+            *(separable if separable else (None, None)))
 
 
 def _squeeze_accumulated(branches: Sequence[Branch], leaves, scales, terms: Terms) -> Tensor:
@@ -146,7 +146,7 @@ def _fixed_products(fixed: Sequence[Branch], g3: Tensor, terms: Terms) -> dict:
     filters = torch.stack([b.fixed_filter(c_out, terms.k, terms.freq_prior, g3) for b in fixed],
                           1)  # (C_out, n_fixed, p)
     h = torch.bmm(filters, g3.transpose(1, 2)).transpose(0, 1)  # (n_fixed, C_out, C_in/g)
-    return {b.name: h[j] for j, b in enumerate(fixed)}
+    return {b.fixed_filter: h[j] for j, b in enumerate(fixed)}
 
 
 def _extension_backward(g3, branches, leaves, needs, one_pass, taps_outer, groups):
@@ -158,8 +158,8 @@ def _extension_backward(g3, branches, leaves, needs, one_pass, taps_outer, group
                                                  [needs[n] for n in names], taps_outer)
     nf = len(operands[2])
     kinds = [branches[r].extension for r in order]
-    by_name = ([res[1]] if 'kxk' in kinds else []) + res[2:2 + nf] + (
-        res[-2:] if 'dw_pw' in kinds else [])
+    by_name = ([res[1]] if 'full' in kinds else []) + res[2:2 + nf] + (
+        res[-2:] if 'separable' in kinds else [])
     out = {n: t.view(leaves[n].shape) for n, t in zip(names, by_name) if t is not None}
     return out, dict(zip(order, res[0]))
 
