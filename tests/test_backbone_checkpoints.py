@@ -35,7 +35,7 @@ def test_checkpoint_of_another_reparameterization_is_named(other, tmp_path):
         model.init_weights()
     assert ("layer1.0.conv2 (OREPAConv2d): the checkpoint's entries are those of another "
             're-parameterization') in log.text()
-    assert 'weight_dw, ' in log.text()  # among what the checkpoint lacks
+    assert f'{B.DW_PW.leaves[0].attr}, ' in log.text()  # among what the checkpoint lacks
     with pytest.raises(RuntimeError, match=r'layer1\.0\.conv2 \(OREPAConv2d\)'):
         model.load_state_dict(torch.load(path)['state_dict'], strict=False)
     # its own checkpoint: not a word

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmorepa.ops import branches as B
+
 from helpers import CLS_CFG, ROOT, assert_clean_failure, run_python
 
 LONG = 'n' * 300  # longer than NAME_MAX (255) on every Linux file system
@@ -146,7 +148,8 @@ def test_train_broken_config_and_missing_resume(tmp_path):
 
 @pytest.mark.parametrize('option,bad', [('model.backbone.reparam=orepaa', 'orepaa'),
                                         ('model.backbone.typo_arg=1', 'typo_arg'),
-                                        ('model.backbone.orepa_cfg.branches=kxk', 'kxk'),
+                                        (f'model.backbone.orepa_cfg.branches={B.KXK.name}',
+                                         B.KXK.name),
                                         ('model.backbone.type=NoSuchNet', 'NoSuchNet')])
 def test_train_bad_model_option_is_one_line(option, bad, tmp_path, tool_fails):
     tool_fails('train', [CLS_CFG, '--work-dir', tmp_path / 'w', '--cfg-options', option], bad)
