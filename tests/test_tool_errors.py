@@ -101,6 +101,30 @@ def test_demo_refuses_a_data_root_it_did_not_generate(tmp_path, tool_fails):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['data']  # nothing else was started
 
 
+def test_branch_similarity_bad_input_is_one_line(tmp_path, tiny_cfg, tiny_ckpt, tool_fails):
+    out = tmp_path / 'out'
+    tool = 'analysis/branch_similarity'
+    tool_fails(tool, [tiny_cfg, tiny_ckpt], 'required: --out-dir')
+    tool_fails(tool, [tiny_cfg, tmp_path / 'none.pth', '--out-dir', out], 'checkpoint not found',
+               tmp_path / 'none.pth')
+    (tmp_path / 'a_file').write_text('x')
+    tool_fails(tool, [tiny_cfg, tiny_ckpt, '--out-dir', tmp_path / 'a_file'], tmp_path / 'a_file')
+    tool_fails(tool, [tiny_cfg, tiny_ckpt, '--out-dir', out, '--layers', 'no_such_layer'],
+               'no multi-branch OREPA layer', 'no_such_layer')
+    # an input where an output would go: refused before anything is written
+    out.mkdir()
+    named_like_output = out / 'summary.json'
+    named_like_output.write_bytes(tiny_ckpt.read_bytes())
+    tool_fails(tool, [tiny_cfg, named_like_output, '--out-dir', out],
+               'refusing to overwrite the input', named_like_output)
+    assert list(out.iterdir()) == [named_like_output]
+    broken = tmp_path / 'broken.py'
+    broken.write_text("model = dict(type='ImageClassifier'\n")
+    assert_clean_failure(run_python([f'tools/{tool}.py', broken, tiny_ckpt, '--out-dir', out]),
+                         'cannot read config', broken)
+    assert list(out.iterdir()) == [named_like_output]
+
+
 # Input shapes the model cannot take ----------------------------------------------------------
 @pytest.mark.parametrize('tool', ['deploy_convert', 'export_onnx'])
 @pytest.mark.parametrize('shape', [('0', '3', '64', '64'), ('2', '5', '64', '64')])
