@@ -1,7 +1,9 @@
 """What the tools in ``tools/`` share: :func:`run_tool` (expected failures as one line on stderr,
-exit status 1), :class:`ToolError`, config loading with the work dir and the launcher, and
-building mmengine's ``Runner``, the one place where a checkpoint's weights go into a Runner's
-model. Only the tools import this module; the library raises :mod:`mmorepa.errors`."""
+exit status 1), :class:`ToolError`, :class:`ArgumentParser` (usage errors as such failures),
+config loading with the work dir and the launcher, and building mmengine's ``Runner``, the one
+place where a checkpoint's weights go into a Runner's model. Only the tools import this module;
+the library raises :mod:`mmorepa.errors`."""
+import argparse
 import copy
 import os
 import os.path as osp
@@ -25,6 +27,15 @@ from .fusion import reparameterize
 class ToolError(Exception):
     """An expected failure of a tool that is no library error (a bad combination of arguments,
     a missing optional dependency): its message names the bad value and is all the user sees."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for the tools: a usage error (a missing or unknown argument, a bad
+    value) raises :class:`ToolError`, so that :func:`run_tool` prints argparse's message as one
+    line with exit status 1, as for any bad input. ``--help`` prints the usage and exits 0."""
+
+    def error(self, message):
+        raise ToolError(message)
 
 
 def run_tool(main, argv=None):

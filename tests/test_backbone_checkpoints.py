@@ -1,7 +1,6 @@
-"""Checkpoints and deploy forms of the OREPA backbones that used to go wrong (issue 14, items 5,
-10, 11, 12): another re-parameterization's checkpoint is named layer by layer, a non-stock
-``stage_blocks`` model deploys, DBB in Res2Net fuses into the stock Res2Net, a DDP checkpoint
-loads through ``init_cfg=Pretrained`` with a prefix."""
+"""Checkpoints and deploy forms of the OREPA backbones: another re-parameterization's checkpoint
+is named layer by layer, a non-stock ``stage_blocks`` model deploys, DBB in Res2Net fuses into the
+stock Res2Net, a DDP checkpoint loads through ``init_cfg=Pretrained`` with a prefix."""
 
 import pytest
 import torch
@@ -24,7 +23,9 @@ OTHER_BRANCHES = B.names((B.KXK, B.ONE_BY_ONE, B.ONE_BY_ONE_KXK))
 @pytest.mark.parametrize('other', [dict(orepa_cfg=dict(branches=OTHER_BRANCHES)),
                                    dict(reparam='dbb')], ids=['other-branches', 'dbb'])
 def test_checkpoint_of_another_reparameterization_is_named(other, tmp_path):
-    """Item 5: it used to load with mmengine's generic key list only (output 0.99 off)."""
+    """The checkpoint of other branches or of DBB: each OREPA layer whose entries it lacks is
+    named with what it lacks (mmengine's generic key list names none of them), a non-strict
+    load raises naming the layer; the model's own checkpoint loads without a word."""
     registry = toolbox_registry('mmpretrain')
     path = str(tmp_path / 'other.pth')
     torch.save(dict(state_dict=registry.build(dict(type='OREPAResNet', **SMALL, **other))
@@ -35,7 +36,7 @@ def test_checkpoint_of_another_reparameterization_is_named(other, tmp_path):
         model.init_weights()
     assert ("layer1.0.conv2 (OREPAConv2d): the checkpoint's entries are those of another "
             're-parameterization') in log.text()
-    assert 'weight_dw, ' in log.text()  # among what the checkpoint lacks
+    assert f'{B.DW_PW.leaves[0].attr}, ' in log.text()  # among what the checkpoint lacks
     with pytest.raises(RuntimeError, match=r'layer1\.0\.conv2 \(OREPAConv2d\)'):
         model.load_state_dict(torch.load(path)['state_dict'], strict=False)
     # its own checkpoint: not a word
@@ -48,7 +49,7 @@ def test_checkpoint_of_another_reparameterization_is_named(other, tmp_path):
 
 
 def test_non_stock_stage_blocks_deploy(tmp_path):
-    """Item 10: the config convert_official_checkpoint.py prints for the bottleneck fixture
+    """The config convert_official_checkpoint.py prints for the bottleneck fixture
     (stage_blocks (1, 2, 1, 1)) deploys as the same backbone with deploy=True."""
     from mmorepa.official import model_cfg
     torch.manual_seed(0)
@@ -75,8 +76,8 @@ def test_non_stock_stage_blocks_deploy(tmp_path):
 
 @pytest.mark.parametrize('toolbox', ['mmpretrain', 'mmdet'])
 def test_dbb_in_res2net_fuses_into_the_stock_res2net(toolbox):
-    """Item 11: Res2Net's 3x3 convs sit in ``convs``, their BNs in ``bns`` (a sibling list):
-    DBB's bias goes into ``bns[i]`` (it used to end in a raw ValueError)."""
+    """Res2Net's 3x3 convs sit in ``convs``, their BNs in ``bns`` (a sibling list): DBB's bias
+    goes into ``bns[i]`` and the fused model loads strictly into the stock Res2Net."""
     torch.manual_seed(1)
     registry = toolbox_registry(toolbox)
     cfg = dict(type='Res2Net', scales=4, base_width=26, **SMALL)
@@ -91,8 +92,8 @@ def test_dbb_in_res2net_fuses_into_the_stock_res2net(toolbox):
 
 
 def test_ddp_checkpoint_through_pretrained_prefix(tmp_path):
-    """Item 12: ``module.backbone.*`` keys with ``prefix='backbone.'`` (it used to raise
-    mmengine's raw AssertionError)."""
+    """``module.backbone.*`` keys with ``prefix='backbone.'`` load (the ``module.`` of DDP is
+    taken off); a prefix in neither form raises a ValueError naming it."""
     torch.manual_seed(2)
     registry = toolbox_registry('mmdet')
     stock = randomize_network_(registry.build(dict(type='ResNet', **SMALL)))

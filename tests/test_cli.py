@@ -25,6 +25,19 @@ def test_run_tool_prints_expected_failures_in_one_line(error, capsys):
     assert ' '.join(str(error).splitlines()) in err
 
 
+def test_argument_parser_usage_errors_are_tool_errors(capsys):
+    parser = cli.ArgumentParser(prog='tool')
+    parser.add_argument('count', type=int)
+    with pytest.raises(cli.ToolError, match="invalid int value: 'many'"):
+        parser.parse_args(['many'])
+    with pytest.raises(cli.ToolError, match='unrecognized arguments: --bogus'):
+        parser.parse_args(['1', '--bogus'])
+    assert capsys.readouterr().err == ''  # no usage text
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(['--help'])
+    assert e.value.code == 0 and 'usage: tool' in capsys.readouterr().out
+
+
 def test_run_tool_keeps_the_traceback_of_a_bug():
     def main(argv):
         raise KeyError('a bug')

@@ -13,6 +13,7 @@ from mmengine.registry import init_default_scope
 import mmorepa  # noqa: F401  (registers the layers and backbones)
 from mmorepa.layers import DiverseBranchBlock, OREPAConv2d
 from mmorepa.models.backbones.branch_seeding import matching_layer
+from mmorepa.ops import branches as B
 
 from helpers import LogRecords, bn_eval, orepa_explicit, randomize_, rel_err
 
@@ -95,8 +96,9 @@ def test_a_conv_left_at_its_init_is_named_in_one_line(tmp_path):
                                                   'backbone.layer2.1.conv1.'))]:
         del state[key]
     # entries of no layer of that geometry (a 1x1 branch 3 channels too wide)
-    state['backbone.layer4.0.conv2.weight_1x1'] = torch.zeros(128, 128 + 3, 1, 1)
+    state[f'backbone.layer4.0.conv2.{B.ONE_BY_ONE.leaves[0].attr}'] = torch.zeros(128, 131, 1, 1)
     torch.save(ckpt, path)
+    held = ', '.join(sorted(['scales'] + [a for b in B.OREPA_BRANCHES for a in b.attrs()]))
     model = _dcn_backbone(path)
     with LogRecords() as log:
         model.init_weights()
@@ -104,10 +106,8 @@ def test_a_conv_left_at_its_init_is_named_in_one_line(tmp_path):
     assert lines == [
         f'layer2.1.conv1 (OREPAConv1x1): not in the checkpoint; {LEFT}',
         f'layer3.0.conv2 (DeformConv2dPack): not in the checkpoint; {LEFT}',
-        'layer4.0.conv2 (DeformConv2dPack): the checkpoint holds scales, weight_1x1, '
-        'weight_1x1_avg, weight_1x1_freq, weight_1x1_kxk_conv2, weight_1x1_kxk_idconv1, '
-        'weight_dw, weight_kxk, weight_pw here: no re-parameterized layer of its geometry '
-        f'(128, 128, 3, 3) has these entries; {LEFT}']
+        f'layer4.0.conv2 (DeformConv2dPack): the checkpoint holds {held} here: no '
+        f're-parameterized layer of its geometry (128, 128, 3, 3) has these entries; {LEFT}']
     assert 'layer2.0.conv2 (DeformConv2dPack): seeded' in log.text()
     # torch's non-strict load says the same
     prefix = len('backbone.')
@@ -117,9 +117,12 @@ def test_a_conv_left_at_its_init_is_named_in_one_line(tmp_path):
     assert [line for line in log.messages if LEFT in line] == lines
 
 
-@pytest.mark.parametrize('orepa_cfg', [None, dict(scaling='scalar', branches=('kxk', '1x1_kxk',
-                                                                                 'dw_pw')),
-                                       dict(scaling='none', branches=('1x1_avg', '1x1_freq'))],
+THREE_BRANCHES = B.names((B.KXK, B.ONE_BY_ONE_KXK, B.DW_PW))
+TWO_BRANCHES = B.names((B.ONE_BY_ONE_AVG, B.ONE_BY_ONE_FREQ))
+
+
+@pytest.mark.parametrize('orepa_cfg', [None, dict(scaling='scalar', branches=THREE_BRANCHES),
+                                       dict(scaling='none', branches=TWO_BRANCHES)],
                          ids=['paper', 'scalar-3-branches', 'none-2-branches'])
 def test_a_fused_backbone_loads_the_unfused_checkpoint(orepa_cfg, tmp_path):
     """Every layer type (the linear deep stem, Rep-1x1, the OREPA block), with other branches

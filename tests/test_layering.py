@@ -1,7 +1,8 @@
 """The package's import graph, read from the source (imports inside functions included): no cycle
 in ``mmorepa``, every import goes down the layers of :data:`LAYERS` (or stays within one), the
 library never imports ``mmorepa.cli``, no tool imports another tool or a private name, and no one
-sets mmengine's private ``Runner._has_loaded``."""
+sets mmengine's private ``Runner._has_loaded``. No function in the package or the tools is longer
+than :data:`MAX_FUNCTION_LINES`."""
 import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
@@ -12,14 +13,13 @@ from helpers import ROOT
 
 PACKAGE = ROOT / 'mmorepa'
 # The layers, lowest first, as prefixes of module names below ``mmorepa.``: a module may import
-# modules of its own layer or a lower one. Module names are matched by prefix, so a module that
-# becomes a package (``kernels`` -> ``ops/``, ``layers/base.py`` -> several modules) keeps its
-# layer.
+# modules of its own layer or a lower one. A prefix names a module or a package with all its
+# modules (``ops`` holds ``mmorepa.ops.algebra``, ``mmorepa.ops.squeeze``, ...).
 LAYERS = [
     ('errors', 'fileio', 'compat', '_squeeze_cpu'),  # exceptions, files, versions; C++ extension
-    ('kernels', 'ops'),  # the kernel algebra and the squeeze operator
+    ('ops', ),  # the branch registry, the kernel algebra and the squeeze operator
     ('layers', ),  # re-parameterized convs
-    ('reparameterize', 'fusion', 'checkpoint', 'official', 'config', 'datasets'),  # fusion, I/O
+    ('fusion', 'checkpoint', 'official', 'config', 'datasets'),  # fusion, I/O
     ('models', ),  # backbones, built on the layers and fusion
     ('deploy', 'export', 'quantization', 'amp'),  # deployment, INT8, training engine
     ('', ),  # the package itself: ``import mmorepa`` registers everything
@@ -27,6 +27,8 @@ LAYERS = [
 ]
 # Compiled modules inside the package (no Python source to read).
 EXTENSIONS = {'mmorepa._squeeze_cpu'}
+# A function fits a screen: its lines from ``def`` to its end, docstring included.
+MAX_FUNCTION_LINES = 80
 
 
 def _module_name(path: Path) -> str:
@@ -170,3 +172,25 @@ def test_no_one_sets_mmengines_private_has_loaded(folder):
     users = [str(p.relative_to(ROOT)) for p in sorted((ROOT / folder).rglob('*.py'))
              if '_has_loaded' in p.read_text()]
     assert users == []
+
+
+def _long_functions(source: str, limit: int) -> List[str]:
+    """``name (N lines)`` of each function in ``source`` longer than ``limit`` lines."""
+    return [f'{node.name} ({node.end_lineno - node.lineno + 1} lines)'
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_the_long_function_finder_finds_one():
+    body = '        x = 1\n' * 80
+    source = f'def short():\n    pass\n\n\nclass A:\n    def long(self):\n{body}'
+    assert _long_functions(source, 80) == ['long (81 lines)']
+    assert _long_functions(source, 81) == []
+
+
+@pytest.mark.parametrize('folder', ['mmorepa', 'tools'])
+def test_no_function_over_the_limit(folder):
+    long = [f'{p.relative_to(ROOT)}: {f}' for p in sorted((ROOT / folder).rglob('*.py'))
+            for f in _long_functions(p.read_text(), MAX_FUNCTION_LINES)]
+    assert not long, '\n'.join(long)

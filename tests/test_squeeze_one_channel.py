@@ -5,6 +5,7 @@ through the reference in float64."""
 import pytest
 import torch
 
+from mmorepa.ops import branches as B
 from mmorepa.ops.algebra import frequency_prior
 from mmorepa.ops.squeeze import squeezed_kernel, squeezed_kernel_reference
 
@@ -15,12 +16,12 @@ from helpers import rel_err
 @pytest.mark.parametrize('k', [13, 3])
 def test_one_output_channel_without_scaling(dtype, k):
     g = torch.Generator().manual_seed(0)
-    branches = ('kxk', '1x1', '1x1_avg', '1x1_freq')
+    records = (B.KXK, B.ONE_BY_ONE, B.ONE_BY_ONE_AVG, B.ONE_BY_ONE_FREQ)
+    branches = B.names(records)
     c_in = 4
-    leaves = {'weight_kxk': torch.randn(1, c_in, k, k, generator=g),
-              'weight_1x1': torch.randn(1, c_in, 1, 1, generator=g),
-              'weight_1x1_avg': torch.randn(1, c_in, 1, 1, generator=g),
-              'weight_1x1_freq': torch.randn(1, c_in, 1, 1, generator=g)}
+    geometry = B.Geometry(c_in, 1, k)
+    leaves = {leaf.attr: torch.randn(leaf.shape(geometry), generator=g)
+              for r in records for leaf in r.leaves}
     prior = frequency_prior(1, k)
     upstream = torch.randn(1, c_in, k, k, generator=g)
 

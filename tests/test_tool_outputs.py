@@ -87,6 +87,34 @@ def test_deploy_convert_replaces_its_own_deploy_config(tiny_fused, tiny_cfg, tmp
     assert "type='ResNet'" in (tmp_path / 'fused.py').read_text()
 
 
+# branch_similarity: its files in the folder named, each written atomically ----------------------
+def test_branch_similarity_writes_only_in_its_out_dir(tiny_cfg, tiny_ckpt, tmp_path, tool_ok):
+    out = tmp_path / 'branches'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    beside_checkpoint = sorted(tiny_ckpt.parent.iterdir())
+    layer = 'backbone.layer1.0.conv2'
+    _, summary = tool_ok('analysis/branch_similarity', tiny_cfg, tiny_ckpt, '--out-dir', out,
+                         '--layers', 'layer1.0.conv2')
+    assert list(summary) == [layer]
+    assert sorted(p.name for p in out.iterdir()) == [
+        f'{layer}_cosine.png', f'{layer}_norms.png', 'notes.txt', 'summary.json']
+    assert (out / 'notes.txt').read_text() == 'mine'
+    assert all((out / f'{layer}_{kind}.png').read_bytes().startswith(b'\x89PNG')
+               for kind in ('cosine', 'norms'))
+    assert json.loads((out / 'summary.json').read_text()) == summary
+    assert sorted(tiny_ckpt.parent.iterdir()) == beside_checkpoint
+    # a second run replaces each file by a rename (a new file), never rewriting it in place
+    inode = (out / 'summary.json').stat().st_ino
+    keep = (out / 'summary.json').open()  # holds the old inode, so it cannot be reused
+    try:
+        tool_ok('analysis/branch_similarity', tiny_cfg, tiny_ckpt, '--out-dir', out,
+                '--layers', 'layer1.0.conv2')
+        assert (out / 'summary.json').stat().st_ino != inode
+    finally:
+        keep.close()
+
+
 # test.py --out: every metric as JSON, per-class lists included -----------------------------------
 def test_as_json_converts_per_class_metrics():
     as_json = load_tool('test').as_json

@@ -16,6 +16,7 @@ import torch
 import mmorepa  # noqa: F401  (mmengine checkpoints load under weights_only=True)
 from helpers import ROOT, randomize_network_, run_python, shapes_train_options
 from mmorepa.config import build_model, read_config
+from mmorepa.ops import branches as B
 
 PY = sys.executable
 CLS_CFG = 'configs/demo/orepa_r18_shapes_cls.py'
@@ -212,4 +213,5 @@ def test_demo_config_runs_under_mmpretrains_own_train_script(tmp_path, shapes_da
     log = next(work.glob('*/*.log')).read_text()
     assert 'Epoch(train) [1][2/2]' in log
     state = torch.load(work / 'epoch_1.pth', weights_only=True)['state_dict']
-    assert any(k.endswith('.weight_kxk') for k in state)  # OREPA layers, through custom_imports
+    kxk = '.' + B.KXK.leaves[0].attr
+    assert any(k.endswith(kxk) for k in state)  # OREPA layers, through custom_imports

@@ -8,7 +8,6 @@ part (``backbone.*``) serves as ``init_cfg=dict(type='Pretrained', prefix='backb
 detection and segmentation. Never overwrites SRC; DST is written atomically, with the permissions
 the umask gives. An expected failure is one line on stderr and exit status 1.
 """
-import argparse
 import os.path as osp
 import sys
 
@@ -18,7 +17,7 @@ import torch  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 from mmorepa.checkpoint import check_state_dict_fits, read_state_dict  # noqa: E402
-from mmorepa.cli import run_tool  # noqa: E402
+from mmorepa.cli import ArgumentParser, run_tool  # noqa: E402
 from mmorepa.fileio import atomic_write, check_input_file, check_output_file  # noqa: E402
 from mmorepa.official import convert_state_dict, model_cfg  # noqa: E402
 
@@ -39,7 +38,7 @@ def convert(src, dst):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('src', help='checkpoint of the official code')
     parser.add_argument('dst', help='converted checkpoint to write')
     args = parser.parse_args(argv)

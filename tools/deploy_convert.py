@@ -11,7 +11,6 @@ Arguments and output locations are checked before any work; an expected failure 
 stderr and exit status 1. Never overwrites its inputs; both outputs are written atomically, with
 the permissions the umask gives.
 """
-import argparse
 import os.path as osp
 import sys
 
@@ -19,12 +18,12 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from mmorepa.cli import run_tool  # noqa: E402
+from mmorepa.cli import ArgumentParser, run_tool  # noqa: E402
 from mmorepa.deploy import convert  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Fuse a re-parameterized model for deployment')
+    parser = ArgumentParser(description='Fuse a re-parameterized model for deployment')
     parser.add_argument('config', help='the training config')
     parser.add_argument('checkpoint', help='the trained checkpoint')
     parser.add_argument('output', help='the fused checkpoint to write (.pth)')

@@ -12,7 +12,6 @@ relative error against the fused PyTorch model is printed. Arguments and the out
 checked before any work; an expected failure is one line on stderr and exit status 1. Never
 overwrites its inputs; the file is written atomically, with the permissions the umask gives.
 """
-import argparse
 import os.path as osp
 import sys
 
@@ -20,12 +19,12 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from mmorepa.cli import run_tool  # noqa: E402
+from mmorepa.cli import ArgumentParser, run_tool  # noqa: E402
 from mmorepa.export import check_shapes, export  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
     parser.add_argument('checkpoint')
     parser.add_argument('output')

@@ -22,7 +22,6 @@ activations whose own int8 rounding costs most. Progress bars on stderr, one sum
 included: one line on stderr, exit status 1; nothing but OUTPUT (and --out) is written, runner
 logs aside (work dir).
 """
-import argparse
 import ctypes
 import itertools
 import json
@@ -39,21 +38,15 @@ from mmengine.logging import print_log  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
 from mmorepa import quantization as Q  # noqa: E402
-from mmorepa.cli import ToolError, build_runner, load_config, run_tool, runner_model  # noqa: E402
+from mmorepa.cli import (ArgumentParser, ToolError, build_runner, load_config,  # noqa: E402
+                         run_tool, runner_model)
 from mmorepa.deploy import check_input_shape  # noqa: E402
 from mmorepa.export import export, is_classifier  # noqa: E402
 from mmorepa.fileio import atomic_write, check_input_file, check_output_file  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are :class:`ToolError`: one line, exit status 1."""
-
-    def error(self, message):
-        raise ToolError(message)
-
-
 def parse_args(argv=None):
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
     parser.add_argument('checkpoint')
     parser.add_argument('output', help='the INT8 ONNX file to write')

@@ -9,7 +9,6 @@ training config's model too (its OREPA layers seed from the plain weights, exact
 the work dir, ``--out`` and the model are checked before any work; ``--out`` writes every metric
 (per-class lists too) as JSON. An expected failure is one line on stderr and exit status 1.
 """
-import argparse
 import json
 import os
 import os.path as osp
@@ -25,7 +24,7 @@ from mmorepa.fileio import atomic_write, check_input_file, check_output_file  # 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Test a checkpoint with mmengine\'s Runner')
+    parser = cli.ArgumentParser(description='Test a checkpoint with mmengine\'s Runner')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--deploy', action='store_true',

@@ -8,7 +8,6 @@
 either way. Arguments, the work dir and the model (built once before the Runner) are checked
 first; an expected failure is one line on stderr and exit status 1.
 """
-import argparse
 import os
 import os.path as osp
 import sys
@@ -24,7 +23,7 @@ from mmorepa.fileio import check_input_file  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a model with mmengine\'s Runner')
+    parser = cli.ArgumentParser(description='Train a model with mmengine\'s Runner')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and checkpoints')
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
