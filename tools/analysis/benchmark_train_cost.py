@@ -2,13 +2,16 @@
 
     python tools/analysis/benchmark_train_cost.py [--archs resnet18 resnet50 ...]
         [--reparams none dbb orepa] [--batch-size 32] [--input-size 224] [--steps 10]
-        [--threads 2] [--components] [--eval] [--json OUT]
+        [--threads N ...] [--sgd for-loop|foreach|fused] [--components] [--eval]
+        [--profile STEPS] [--json OUT]
 
 Each variant runs in its own process, ``--repeats`` times, interleaved with the others; the
 table reports the fastest of those processes (its median step), which filters out a slow process
 on a shared machine (all per-process medians are kept in the JSON); on the CPU it also gives the
 CPU time of the process per step (median; the least over the processes), which other work on the
 machine changes far less than the wall time (with ``--threads 1`` it is the step's own work).
+``--threads`` (default: torch's default thread count on this machine, one per core) may list
+several counts; each variant then runs at each, interleaved.
 A step is a full training step (forward, cross-entropy, backward, SGD with momentum); the table
 gives the median step time and the peak memory, and their ratios to the plain model of the same
 architecture. On a GPU: CUDA events and
@@ -35,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from mmorepa.ops import branches as B  # noqa: E402
 
 # name: (backbone type, depth, batch, image size, classes, last stage's output pixels)
 REGIMES = {
@@ -44,15 +48,19 @@ REGIMES = {
     'in-r18-224px': ('ResNet', 18, 32, 224, 1000, 7 * 7),
     'in-r50-224px': ('ResNet', 50, 32, 224, 1000, 7 * 7),
 }
+# --sgd: the keyword arguments of torch.optim.SGD (torch's default on the CPU is the for-loop)
+SGD_IMPLS = {'for-loop': dict(foreach=False), 'foreach': dict(foreach=True),
+             'fused': dict(fused=True)}
 # variant label: conv_cfg of the stock backbone
 REGIME_VARIANTS = {'plain': None, 'dbb': dict(type='DBB'), 'orepa': dict(type='OREPA'),
                    'orepa-kernel': dict(type='OREPA', route='kernel')}
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'repvgg-A0', 'repvgg-A1', 'repvgg-A2')
 # Fig. 8 / Table 2: OREPA components added one at a time (ResNet).
+_DBB_ONLINE = (B.KXK, B.ONE_BY_ONE, B.ONE_BY_ONE_KXK, B.ONE_BY_ONE_AVG)
 COMPONENTS = [
-    ('online DBB branches', dict(branches=('kxk', '1x1', '1x1_kxk', '1x1_avg'),
+    ('online DBB branches', dict(branches=B.names(_DBB_ONLINE),
                                  linear_deep_stem=False, rep_1x1=False)),
-    ('+ frequency prior', dict(branches=('kxk', '1x1', '1x1_kxk', '1x1_avg', '1x1_freq'),
+    ('+ frequency prior', dict(branches=B.names(_DBB_ONLINE + (B.ONE_BY_ONE_FREQ, )),
                                linear_deep_stem=False, rep_1x1=False)),
     ('+ linear dw-pw', dict(linear_deep_stem=False, rep_1x1=False)),
     ('+ linear deep stem', dict(rep_1x1=False)),
@@ -238,7 +246,8 @@ def worker(spec: dict) -> dict:
     model.eval()
     with torch.no_grad():
         model(x[:1])  # materialise the lazy head
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                          **SGD_IMPLS[spec.get('sgd', 'for-loop')])
     params = sum(p.numel() for p in model.parameters())
     timed = _timer(cuda)
     run = (torch.compile(model, options=spec.get('compile_options') or None)
@@ -267,7 +276,8 @@ def worker(spec: dict) -> dict:
         out['peak_mb'] = _rss_mb()
         out['base_mb'] = base_rss
     if spec.get('profile'):
-        out['profile'] = profile_steps(step, spec['profile'])
+        mark_feature_route()
+        out['profile'] = profile_components(step, spec['profile'])
     out.update(count_step(model, x, y))  # after the timed steps (eager): no effect on them
     out['routes'] = _routes(model, x)
     if spec.get('eval'):
@@ -276,19 +286,82 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def profile_steps(step, n: int, rows: int = 15) -> str:
-    """``torch.profiler``'s table of ``n`` training steps: the top operators by self CPU time,
-    and the share of the OREPA squeeze (its operators, forward and backward)."""
+# the operator groups of the component profile, in table order
+GROUPS = ('model convs', 'squeeze forward', 'squeeze backward', 'pair compositions',
+          'feature-route convs', 'optimizer', 'allocation', 'other operators',
+          'outside operators (Python)')
+FEATURE_ROUTE = 'mmorepa.feature_route'
+PRODUCTS = {'aten::convolution', 'aten::_convolution', 'aten::mkldnn_convolution',
+            'aten::convolution_backward', 'aten::mm', 'aten::bmm', 'aten::matmul', 'aten::addmm',
+            'aten::baddbmm'}
+ALLOCATION = {'aten::empty', 'aten::empty_strided', 'aten::empty_like', 'aten::zeros',
+              'aten::zeros_like', 'aten::zero_', 'aten::fill_', 'aten::resize_', 'aten::new_empty',
+              'aten::new_zeros', 'aten::ones', 'aten::ones_like', 'aten::full'}
+
+
+def mark_feature_route() -> None:
+    """Mark each layer's feature-route convs (:meth:`PairRoutes._pair_on_features`) in the
+    profile, in this process only."""
+    from torch.profiler import record_function
+
+    from mmorepa.layers.routes import PairRoutes
+    on_features = PairRoutes._pair_on_features
+
+    def marked(self, x):
+        with record_function(FEATURE_ROUTE):
+            return on_features(self, x)
+    PairRoutes._pair_on_features = marked
+
+
+def _group(event, feature_seqs: set) -> str:
+    """The group of :data:`GROUPS` of one profiled operator: by its outermost marked ancestor
+    (the optimizer's step, a squeeze operator, the feature route; a backward node by the
+    sequence number of the forward operator it differentiates), else by its own name."""
+    chain = []
+    while event is not None:
+        chain.append(event)
+        event = event.cpu_parent
+    chain.reverse()  # outermost first
+    for depth, e in enumerate(chain):
+        if e.name.startswith('Optimizer.'):
+            return 'optimizer'
+        if e.name == FEATURE_ROUTE or (e.sequence_nr in feature_seqs and 'Backward' in e.name):
+            return 'feature-route convs'
+        if e.name.startswith('mmorepa::squeeze'):
+            if any(n.name in PRODUCTS for n in chain[depth + 1:]):
+                return 'pair compositions'
+            return 'squeeze backward' if e.name.endswith('backward') else 'squeeze forward'
+    if any(n.name in PRODUCTS or 'ConvolutionBackward' in n.name for n in chain):
+        return 'model convs'
+    return 'allocation' if chain[-1].name in ALLOCATION else 'other operators'
+
+
+def profile_components(step, n: int) -> dict:
+    """Seconds per training step spent in each group of :data:`GROUPS` over ``n`` profiled steps
+    (``torch.profiler``, the self time of each operator, intra-op threads included;
+    ``'outside operators (Python)'``: the profiled wall time no operator covers), and
+    ``'top operators'``: the profiler's table of the operators with the most self time."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         for _ in range(n):
             step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    squeeze = {e.key: e.cpu_time_total for e in events if e.key.startswith('mmorepa::squeeze')}
-    lines = [events.table(sort_by='self_cpu_time_total', row_limit=rows)]
-    lines += [f'{k}: {v / total:.1%} of the self CPU time' for k, v in squeeze.items()]
-    return '\n'.join(lines)
+        wall = time.perf_counter() - start
+    events = prof.events()
+    feature_seqs = set()
+    for e in events:
+        parent = e.cpu_parent
+        while parent is not None and e.sequence_nr >= 0:
+            if parent.name == FEATURE_ROUTE:
+                feature_seqs.add(e.sequence_nr)
+                break
+            parent = parent.cpu_parent
+    seconds = dict.fromkeys(GROUPS, 0.0)
+    for e in events:
+        seconds[_group(e, feature_seqs)] += e.self_cpu_time_total / 1e6 / n
+    seconds['outside operators (Python)'] = max(0.0, wall / n - sum(seconds.values()))
+    return dict(groups=seconds, wall_s=wall / n, top=prof.key_averages().table(
+        sort_by='self_cpu_time_total', row_limit=15))
 
 
 def _routes(model, x) -> dict:
@@ -341,7 +414,8 @@ def variants(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from mmorepa.cli import ArgumentParser
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--archs', nargs='+', default=['resnet18', 'resnet50'], choices=ARCHS)
     parser.add_argument('--reparams', nargs='+',
                         choices=['none', 'dbb', 'orepa', 'repvgg', 'orepa-vgg'])
@@ -349,7 +423,12 @@ def parse_args(argv=None):
     parser.add_argument('--input-size', type=int, default=224)
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--threads', type=int, nargs='+', default=None,
+                        help='torch threads of each process (default: torch\'s default here, '
+                        'one per core); several counts: each variant at each')
+    parser.add_argument('--sgd', default='for-loop', choices=list(SGD_IMPLS),
+                        help='the implementation of torch.optim.SGD (default: the for-loop, '
+                        'torch\'s default on the CPU)')
     parser.add_argument('--repeats', type=int, default=2,
                         help='processes per variant (interleaved); the fastest is reported')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda if present)')
@@ -384,13 +463,14 @@ def measure(args, common: dict) -> list:
     """Run every variant ``args.repeats`` times, interleaved, each in its own process; per
     variant the fastest process, with every process's step time and the least peak memory and
     CPU time."""
-    todo = list(variants(args))
+    todo = [dict(v, threads=n) for n in args.threads for v in variants(args)]
     runs = [[] for _ in todo]
     for rep in range(args.repeats):
         for i, v in enumerate(todo):
             r = run_variant(dict(common, **v))
             runs[i].append(r)
             print(f'  [{rep + 1}/{args.repeats}] {r["arch"]:<10} {r["label"]:<28} '
+                  f'{r["threads"]} thr, '
                   f'{r["step_s"]:.3f} s/step, {r["flops"] / 1e9:.1f} GFLOP, '
                   f'{r["saved_bytes"] / 2 ** 20:.0f} MiB saved', file=sys.stderr, flush=True)
     results = []
@@ -409,9 +489,9 @@ def measure(args, common: dict) -> list:
 
 def add_ratios(results: list) -> None:
     """Each result's time, CPU time, memory, FLOPs and saved bytes over its plain model's."""
-    plain = {r['arch']: r for r in results if r['reparam'] in ('none', 'plain')}
+    plain = {(r['arch'], r['threads']): r for r in results if r['reparam'] in ('none', 'plain')}
     for r in results:
-        p = plain.get(r['arch'])
+        p = plain.get((r['arch'], r['threads']))
         r['time_ratio'] = r['step_s'] / p['step_s'] if p else None
         r['cpu_time_ratio'] = (r['cpu_step_s'] / p['cpu_step_s']
                                if p and 'cpu_step_s' in r and 'cpu_step_s' in p else None)
@@ -447,10 +527,12 @@ def print_timings(results: list, args, device: str, compile_options: dict) -> No
     compiled = ''
     if args.compile:
         compiled = f'torch.compile{" " + str(compile_options) if compile_options else ""}, '
-    print(f'\ndevice: {device} ({args.threads} threads), {shape}, '
+    threads = ', '.join(str(n) for n in args.threads)
+    print(f'\ndevice: {device} ({threads} threads), {shape}, '
           f'{compiled}median of {args.steps} steps after '
           f'{args.warmup}, fastest of {args.repeats} processes per variant')
-    head = f'| arch | re-param | s/step | x plain | all processes s/step | {mem} | x plain |'
+    head = (f'| arch | re-param | threads | s/step | x plain | all processes s/step | {mem} '
+            '| x plain |')
     cpu = any(r.get('cpu_step_s') for r in results)
     if cpu:
         head += ' CPU s/step | x plain |'
@@ -460,7 +542,7 @@ def print_timings(results: list, args, device: str, compile_options: dict) -> No
     print('|' + '---|' * (head.count('|') - 1))
     for r in results:
         every = ' '.join(f'{t:.3f}' for t in r['step_s_all'])
-        line = (f'| {r["arch"]} | {r["label"]} | {r["step_s"]:.3f} | '
+        line = (f'| {r["arch"]} | {r["label"]} | {r["threads"]} | {r["step_s"]:.3f} | '
                 f'{_ratio(r["time_ratio"])} | {every} | {r["peak_mb"]:.0f} | '
                 f'{_ratio(r["mem_ratio"])} |')
         if cpu:
@@ -469,6 +551,34 @@ def print_timings(results: list, args, device: str, compile_options: dict) -> No
             line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
                      f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
         print(line)
+
+
+def print_components(results: list, steps: int) -> None:
+    """The component profile: ms per step of each operator group per variant and thread count,
+    the speed-up of each group from the fewest threads to the most, and the groups' total
+    against the model's convs; then the profiler's top operators of each."""
+    counts = sorted({r['threads'] for r in results})
+    print(f'\ncomponents: ms per training step over {steps} profiled steps (torch.profiler; '
+          'self time of the operators of each group)')
+    head = '| group | arch | re-param | ' + ' | '.join(f'{n} thr' for n in counts)
+    if len(counts) > 1:
+        head += f' | speed-up {counts[0]} -> {counts[-1]} thr'
+    print(head + ' |')
+    print('|' + '---|' * head.count('|'))
+    keys = list(dict.fromkeys((r['arch'], r['label']) for r in results))
+    for arch, label in keys:
+        by_threads = {r['threads']: r['profile'] for r in results
+                      if (r['arch'], r['label']) == (arch, label)}
+        for group in GROUPS + ('step (profiled wall)',):
+            ms = [1e3 * (p['wall_s'] if group.startswith('step') else p['groups'][group])
+                  for p in (by_threads.get(n) for n in counts) if p]
+            line = f'| {group} | {arch} | {label} | ' + ' | '.join(f'{t:.1f}' for t in ms)
+            if len(counts) > 1 and len(ms) == len(counts):
+                line += f' | {ms[0] / ms[-1]:.2f}x' if ms[-1] > 0 else ' | -'
+            print(line + ' |')
+    for r in results:
+        print(f'\ntop operators: {r["arch"]} {r["label"]}, {r["threads"]} threads\n'
+              f'{r["profile"]["top"]}')
 
 
 def main(argv=None):
@@ -482,8 +592,9 @@ def main(argv=None):
     timing = not args.counters_only
     if not timing:
         args.steps, args.warmup, args.repeats, args.eval = 0, 0, 1, False
+    args.threads = args.threads or [torch.get_num_threads()]
     common = dict(batch_size=args.batch_size, input_size=args.input_size, steps=args.steps,
-                  warmup=args.warmup, threads=args.threads, device=device, eval=args.eval,
+                  warmup=args.warmup, sgd=args.sgd, device=device, eval=args.eval,
                   squeeze=args.squeeze, compile=args.compile, profile=args.profile,
                   compile_options=compile_options)
     results = measure(args, common)
@@ -491,15 +602,16 @@ def main(argv=None):
     print_counters(results, args)
     if timing:
         print_timings(results, args, device, compile_options)
-    for r in results:
-        if r.get('profile'):
-            print(f'\nprofile: {r["arch"]} {r["label"]}, {args.profile} steps\n{r["profile"]}')
+    if args.profile:
+        print_components(results, args.profile)
     if args.plot and args.regimes:
         plot_regimes(results, args.plot, timing)
     elif args.plot:
         plot_fig8(results, args.plot, timing)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        from mmorepa.fileio import atomic_write
+        text = json.dumps(results, indent=1)
+        atomic_write(args.json, lambda path: Path(path).write_text(text))
     return results
 
 
@@ -540,7 +652,8 @@ def plot_fig8(results, path, timing=True):
             ax.set_title(f'{arch}: {title}', fontsize=9)
     fig.suptitle('Training cost: plain, offline DBB (hatched), online OREPA (blue)', fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from mmorepa.fileio import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format='png'))
     plt.close(fig)
     return path
 
@@ -567,7 +680,8 @@ def plot_regimes(results, path, timing=True):
     ax.set_ylabel('step time / plain' if timing else 'FLOPs / plain')
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from mmorepa.fileio import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format='png'))
     plt.close(fig)
     return path
 
@@ -596,4 +710,5 @@ def _ratio(value, digits=2):
 
 
 if __name__ == '__main__':
-    main()
+    from mmorepa.cli import run_tool
+    run_tool(main)

@@ -173,7 +173,8 @@ def cache_run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from mmorepa.cli import ArgumentParser
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('what', choices=['quantize', 'cache'])
     parser.add_argument('--work-dir', default='work_dirs/memory')
     parser.add_argument('--val', type=int, nargs='+', default=[96, 768])
@@ -193,4 +194,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from mmorepa.cli import run_tool
+    run_tool(main)
