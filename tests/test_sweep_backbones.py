@@ -18,24 +18,15 @@ NAMES = [(t, n) for t in sweep_backbones.TOOLBOXES for n in toolbox_backbone_nam
          if n != 'VGG']
 # why a k x k conv may stay plain: a conv op of its own, an even or non-square kernel
 CONV_OPS = ('DeformConv2d', 'ModulatedDeformConv2d', 'SAConv2d', 'ConvAWS2d', 'ConvWS2d',
-            'Conv1d', 'Conv3d', 'ConvTranspose2d', 'kernel_size 1, 3 or odd',
+            'Conv1d', 'Conv3d', 'ConvTranspose2d', 'TridentConv', 'kernel_size 1, 3 or odd',
             'an int or a square pair')
 
 
-# Open gaps of the sweep (issue 24): no working small arguments yet, a float64 reference that
-# does not run, ConvMixer's padding='same' depthwise conv kept plain; rows not yet checked.
-KNOWN_GAPS = {'CSPResNeXt', 'HiViT', 'STDCContextPathNet', 'TridentResNet', 'EdgeNeXt', 'XCiT',
-              'ConvMixer', 'EfficientNet', 'CSPNeXt', 'CSPNet'}
-PARAMS = [pytest.param(t, n, id=f'{t}-{n}', marks=pytest.mark.xfail(
-    reason='an open gap of the sweep', strict=False)) if n in KNOWN_GAPS
-    else pytest.param(t, n, id=f'{t}-{n}') for t, n in NAMES]
-
-
-@pytest.mark.parametrize('toolbox,name', PARAMS)
+@pytest.mark.parametrize('toolbox,name', NAMES, ids=[f'{t}-{n}' for t, n in NAMES])
 def test_every_orepa_name(toolbox, name):
     row = sweep_backbones.check_backbone(toolbox, name)
     if row.get('skip'):
-        assert name in sweep_backbones.NEEDS or 'does not register' in row['skip']
+        assert name in sweep_backbones.NEEDS or 'without registering it' in row['skip']
         pytest.skip(row['skip'])
     assert row['error'] is None, row['error']
     assert row['rel_err'] <= sweep_backbones.TOLERANCE
