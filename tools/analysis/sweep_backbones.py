@@ -239,9 +239,10 @@ CASES: Dict[str, tuple] = {
                    norm_cfg=BN), 32),
     'DDRNet': (dict(channels=8, ppm_channels=16), 64),
 }
-# classes whose parameters hold uninitialized memory until ``init_weights`` (mmdet's
-# TridentConv allocates its weight with ``torch.Tensor(...)``): the sweep calls it for them
-INIT_WEIGHTS = {'TridentResNet'}
+# conv ops whose weight the stock class leaves as uninitialized memory (mmdet's TridentConv:
+# ``torch.Tensor(...)``, which no ``init_weights`` reaches; mmdet's configs load a checkpoint
+# into it): the sweep draws it (He normal)
+UNINITIALIZED = ('TridentConv', )
 NEEDS = {'TIMMBackbone': 'the timm package', 'VPD': 'diffusers and a class-embedding file',
          'SparseResNet': 'the sparse masks of a SparK pre-training step',
          'SparseConvNeXt': 'the sparse masks of a SparK pre-training step'}
@@ -303,6 +304,14 @@ def _randomize_norms_(model: nn.Module, generator: torch.Generator):
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + .5)
 
 
+def _randomize_uninitialized_(model: nn.Module, generator: torch.Generator):
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ in UNINITIALIZED:
+                std = (2 / m.weight[0].numel()) ** .5
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor):
     """One SGD step in train mode, the gradient clipped to norm 1. The norms keep their (random)
     running statistics: at these sizes the last maps are 1x1 or 2x2, whose batch statistics
@@ -325,12 +334,13 @@ def _train_step(model: nn.Module, x: torch.Tensor):
 
 def _unfused_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The un-fused model's features in float64 (not the fused arithmetic), or in the model's
-    own dtype for networks that make float32 tensors of their own (positional encodings)."""
+    own dtype for networks that make float32 tensors of their own (positional encodings); the
+    table names such a reference."""
     with torch.no_grad(), mmorepa.unfused_eval(model):
         try:
             return _outputs(copy.deepcopy(model).double(), x.double())
         except RuntimeError:
-            return _outputs(model, x).double()
+            return _outputs(model, x)
 
 
 def _load_strictly(stock: nn.Module, state_dict: dict):
@@ -382,13 +392,14 @@ def _check(registry, name, cfg, x, row):
     toolbox = registry.scope
     try:
         model = registry.build(cfg)
-        if name in INIT_WEIGHTS:
-            model.init_weights()
         row['layers'] = len(_outer_layers(model))
         row['kept'] = list(getattr(model, 'convs_kept_plain', ()))
+        _randomize_uninitialized_(model, torch.Generator().manual_seed(2))
         _randomize_norms_(model, torch.Generator().manual_seed(1))
         _train_step(model, x)
         reference = _unfused_features(model, x)
+        row['reference'] = str(reference.dtype).replace('torch.', '')
+        reference = reference.double()
         if not (torch.isfinite(reference).all() and reference.abs().max() > 0):
             raise AssertionError('the un-fused features are zero or not finite after the '
                                  'training step')
@@ -424,6 +435,8 @@ HEADER = ('| toolbox | OREPA name | re-parameterized layers | k x k convs kept p
 
 def table_row(r: dict) -> str:
     err = '' if r['rel_err'] is None else f'{r["rel_err"]:.1e}'
+    if err and r.get('reference', 'float64') != 'float64':
+        err += f' ({r["reference"]} reference)'
     result = r.get('skip') or r['error'] or 'ok'
     return (f'| {r["toolbox"]} | OREPA{r["name"]} | {r["layers"]} | '
             f'{_why(r["kept"]) or "none"} | {err} | {result} |')
