@@ -12,7 +12,6 @@ layers squeeze their branches, convolve and normalize on feature maps (``unfused
 table row per name: the re-parameterized layers, the k x k convs kept plain and why, the
 relative error. Exit status 1 if a row fails.
 """
-import argparse
 import contextlib
 import copy
 import logging
@@ -469,28 +468,26 @@ def sweep(toolboxes=TOOLBOXES, names: Optional[List[str]] = None, on_row=None) -
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--toolboxes', nargs='+', default=list(TOOLBOXES))
+    from mmorepa.cli import ArgumentParser, ToolError
+    from mmorepa.fileio import atomic_write
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--toolboxes', nargs='+', default=list(TOOLBOXES),
+                        choices=list(TOOLBOXES))
     parser.add_argument('--names', nargs='+', help='only these backbone names')
     parser.add_argument('--markdown', help='also write the table to this file')
     args = parser.parse_args(argv)
-    for toolbox in args.toolboxes:
-        if toolbox not in TOOLBOXES:
-            print(f'sweep_backbones: unknown toolbox {toolbox!r}; expected one of '
-                  f'{list(TOOLBOXES)}', file=sys.stderr)
-            return 1
     print(HEADER, flush=True)
     rows = sweep(args.toolboxes, args.names, lambda r: print(table_row(r), flush=True))
     text = table(rows)
     if args.markdown:
         from pathlib import Path
-        try:
-            from mmorepa.fileio import atomic_write
-        except ImportError:
-            from mmorepa.deploy import atomic_write
         atomic_write(args.markdown, lambda p: Path(p).write_text(text + '\n'))
-    return 1 if any(r['error'] for r in rows) else 0
+    failed = [r['name'] for r in rows if r['error']]
+    if failed:
+        raise ToolError(f'{len(failed)} of {len(rows)} rows failed: {", ".join(failed)}')
+    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from mmorepa.cli import run_tool
+    run_tool(main)
