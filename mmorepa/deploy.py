@@ -8,14 +8,14 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 from mmengine.config import Config, ConfigDict
-from mmengine.registry import MODELS, init_default_scope
+from mmengine.registry import init_default_scope
 
 from .checkpoint import FUSED_FROM, check_state_dict_fits, load_checkpoint_strict
 from .config import build_model, build_model_of, read_config
 from .errors import ArgumentError, PathError
 from .fileio import atomic_write, check_input_file, check_output_file
 from .fusion import reparameterize, unfused_eval
-from .models import stock_model_cfg
+from .models import resolved_types, stock_model_cfg
 
 # conv_cfg types that exist only in mmorepa: a deploy config drops them (plain convs instead).
 CONV_TYPES = ('OREPA', 'DBB', 'OREPAConv2d', 'OREPAConv1x1', 'OREPALargeConv',
@@ -75,19 +75,10 @@ def deploy_config(cfg: Config) -> Config:
 
 
 def _builds_mmorepa(node) -> bool:
-    """Whether a config node still names a type that mmorepa registers."""
-    if isinstance(node, (list, tuple)):
-        return any(_builds_mmorepa(v) for v in node)
-    if not isinstance(node, dict):
-        return False
-    if isinstance(node.get('type'), str):
-        try:
-            obj = MODELS.get(node['type'])
-        except Exception:  # noqa: BLE001 - not a model type (a transform, a hook, ...)
-            obj = None
-        if getattr(obj, '__module__', '').startswith('mmorepa'):
-            return True
-    return any(_builds_mmorepa(v) for v in node.values())
+    """Whether a config node still names a type that mmorepa registers, each type looked up in
+    the registry that builds it (a toolbox's, where a scope is in play)."""
+    return any(getattr(obj, '__module__', '').startswith('mmorepa')
+               for obj in resolved_types(node))
 
 
 def _drop_key(node, key):

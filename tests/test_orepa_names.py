@@ -1,9 +1,11 @@
 """``OREPA<Name>`` for every conv that computes as a plain conv, every scope and every registered
-class: mmcv's ``Conv2dAdaptivePadding`` (EfficientNet) and ``Conv2d`` wrapper (VAN, DaViT) become
-re-parameterizable and fuse back into their own class; the deploy config takes the fused weights
-(RepLKNet); a scoped model type builds its own toolbox's class; a class the user registers has an
-OREPA name; a name that cannot build says why."""
+class: mmcv's ``Conv2dAdaptivePadding`` (EfficientNet) and ``Conv2d`` wrapper (VAN, DaViT), and
+string padding (ConvMixer's ``'same'``) become re-parameterizable and fuse back into their own
+class and padding; the deploy config takes the fused weights (RepLKNet); a scoped model type
+builds its own toolbox's class; a class the user registers has an OREPA name; a name that cannot
+build says why."""
 import importlib
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from mmengine.registry import MODELS, DefaultScope, Registry, init_default_scope
 import mmorepa
 from mmorepa.deploy import deploy_config
 from mmorepa.layers import ReparamConv2d
-from mmorepa.models.backbones.reparam_backbone import ReparamBackboneMixin
+from mmorepa.models.backbones.reparam_backbone import ReparamBackboneMixin, swap_convs_
 
 from helpers import randomize_network_, rel_err
 
@@ -98,6 +100,41 @@ def test_mmcv_conv2d_wrapper_is_reparameterized_and_fuses_back(name, arch):
     model, fused, _ = _fuses_into_stock(registry, cfg, torch.randn(2, 3, 64, 64))
     assert all(isinstance(model.get_submodule(n), ReparamConv2d) for n in wrapped)
     assert all(type(fused.get_submodule(n)) is MMCVConv2d for n in wrapped)
+
+
+def test_string_padding_convs_are_reparameterized_and_keep_their_padding():
+    """ConvMixer's depthwise k x k conv has ``padding='same'``: re-parameterized, fused back
+    into a conv with ``padding='same'``; ``'valid'`` and a dilated ``'same'`` pad their zeros."""
+    torch.manual_seed(3)
+    registry = _scope('mmpretrain')
+    cfg = dict(type='OREPAConvMixer', arch=dict(embed_dims=16, depth=1, patch_size=4,
+                                                kernel_size=9))
+    same = {n for n, m in registry.build(dict(cfg, type='ConvMixer')).named_modules()
+            if isinstance(m, nn.Conv2d) and m.padding == 'same'}
+    assert same
+    model, fused, _ = _fuses_into_stock(registry, cfg, torch.randn(2, 3, 32, 32))
+    assert all(isinstance(model.get_submodule(n), ReparamConv2d) for n in same)
+    assert all(type(fused.get_submodule(n)) is nn.Conv2d
+               and fused.get_submodule(n).padding == 'same' for n in same)
+    net = nn.Sequential(nn.Conv2d(4, 8, 5, padding='valid', bias=False), nn.BatchNorm2d(8),
+                        nn.Conv2d(8, 8, 3, padding='same', dilation=2, bias=False),
+                        nn.BatchNorm2d(8))
+    stock_paddings = [net[0].padding, net[2].padding]
+    assert swap_convs_(net, dict(type='OREPA'), kept=[]) == ['0', '2']
+    assert (net[0].padding, net[2].padding) == ((0, 0), (2, 2))
+    kept = []
+    swap_convs_(nn.Sequential(nn.Conv2d(8, 8, 4, padding='same')), dict(type='OREPA'), kept=kept)
+    assert kept == ["0 (padding='same' with kernel_size (4, 4) and dilation (1, 1) pads one "
+                    "side more than the other)"]
+    net = pickle.loads(pickle.dumps(randomize_network_(net).double().eval()))
+    x = torch.randn(2, 4, 11, 9, dtype=torch.float64)
+    with torch.no_grad(), mmorepa.unfused_eval(net):
+        reference = net(x)
+    fused = mmorepa.reparameterize(net)
+    assert [fused[0].padding, fused[2].padding] == stock_paddings
+    assert all(type(fused[i]) is nn.Conv2d for i in (0, 2))
+    with torch.no_grad():
+        assert rel_err(fused(x), reference) <= 1e-12
 
 
 def test_replknet_deploy_config_takes_the_fused_weights():

@@ -1,3 +1,3 @@
-from .backbones import OREPABuilder, OREPAResNet, OREPAVGG, stock_model_cfg
+from .backbones import OREPABuilder, OREPAResNet, OREPAVGG, resolved_types, stock_model_cfg
 
-__all__ = ['OREPABuilder', 'OREPAResNet', 'OREPAVGG', 'stock_model_cfg']
+__all__ = ['OREPABuilder', 'OREPAResNet', 'OREPAVGG', 'resolved_types', 'stock_model_cfg']

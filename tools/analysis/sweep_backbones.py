@@ -12,7 +12,6 @@ layers squeeze their branches, convolve and normalize on feature maps (``unfused
 table row per name: the re-parameterized layers, the k x k convs kept plain and why, the
 relative error. Exit status 1 if a row fails.
 """
-import argparse
 import contextlib
 import copy
 import logging
@@ -79,9 +78,9 @@ CASES: Dict[str, tuple] = {
     'SparseResNet': (RESNET, 32),
     'DetectoRS_ResNet': (dict(RESNET50), 32),
     'DetectoRS_ResNeXt': (dict(RESNET50, groups=2, base_width=4), 32),
-    'TridentResNet': (dict(depth=50, base_channels=8, stem_channels=8, num_branch=2,
-                           test_branch_idx=-1, trident_dilations=(1, 2, 3), out_indices=(2, )),
-                      32),
+    'TridentResNet': (dict(depth=50, base_channels=8, stem_channels=8, num_branch=3,
+                           test_branch_idx=-1, trident_dilations=(1, 2, 3), num_stages=3,
+                           strides=(1, 2, 2), dilations=(1, 1, 1), out_indices=(2, )), 32),
     'ShuffleNetV1': (dict(groups=1, widen_factor=0.25), 32),
     'ShuffleNetV2': (dict(widen_factor=0.5), 32),
     'MobileNetV2': (dict(widen_factor=0.25), 32),
@@ -183,7 +182,8 @@ CASES: Dict[str, tuple] = {
     'PyramidVig': (dict(arch='sweep', k=3), 224),
     'XCiT': (dict(img_size=32, patch_size=8, embed_dims=16, depth=1, cls_attn_layers=1,
                   num_heads=2), 32),
-    'HiViT': (dict(arch=dict(embed_dims=64, depths=[1, 1, 1], num_heads=2), img_size=32), 32),
+    # HiViT's forward also takes out_indices as indices of its 6 stem blocks: 7 main blocks
+    'HiViT': (dict(arch=dict(embed_dims=16, depths=[1, 1, 7], num_heads=2), img_size=32), 32),
     'SSDVGG': (dict(depth=11, out_indices=(3, 4), out_feature_indices=(12, 18)), 300),
     'HourglassNet': (dict(downsample_times=2, num_stacks=1, stage_channels=(8, 8, 8),
                           stage_blocks=(1, 1, 1), feat_channel=8), 64),
@@ -227,7 +227,8 @@ CASES: Dict[str, tuple] = {
     'STDCContextPathNet': (dict(backbone_cfg=dict(
         type='STDCNet', stdc_type='STDCNet1', in_channels=3, channels=(8, 16, 32, 32, 32),
         bottleneck_type='cat', num_convs=4, norm_cfg=BN, act_cfg=dict(type='ReLU')),
-        last_in_channels=(32, 32), out_channels=16), 64),
+        last_in_channels=(32, 32), out_channels=16,
+        ffm_cfg=dict(in_channels=48, out_channels=16, scale_factor=4)), 64),
     'BEiT': (dict(img_size=32, patch_size=16, embed_dims=16, num_layers=1, num_heads=2,
                   mlp_ratio=1, out_indices=(0, )), 32),
     'MAE': (dict(img_size=32, patch_size=16, embed_dims=16, num_layers=1, num_heads=2,
@@ -237,6 +238,10 @@ CASES: Dict[str, tuple] = {
                    norm_cfg=BN), 32),
     'DDRNet': (dict(channels=8, ppm_channels=16), 64),
 }
+# conv ops whose weight the stock class leaves as uninitialized memory (mmdet's TridentConv:
+# ``torch.Tensor(...)``, which no ``init_weights`` reaches; mmdet's configs load a checkpoint
+# into it): the sweep draws it (He normal)
+UNINITIALIZED = ('TridentConv', )
 NEEDS = {'TIMMBackbone': 'the timm package', 'VPD': 'diffusers and a class-embedding file',
          'SparseResNet': 'the sparse masks of a SparK pre-training step',
          'SparseConvNeXt': 'the sparse masks of a SparK pre-training step'}
@@ -251,9 +256,11 @@ SWEEP_ARCHS = {
     'CSPResNet': ('arch_settings', 50, dict(
         in_channels=(8, 16), out_channels=(16, 16), num_blocks=(1, 1), expand_ratio=4,
         bottle_ratio=2, has_downsampler=(False, True), down_growth=False)),
+    # the downsampling conv has 32 groups; the blocks' own groups and widths are reduced
     'CSPResNeXt': ('arch_settings', 50, dict(
-        in_channels=(32, 64), out_channels=(64, 128), num_blocks=(1, 1), expand_ratio=(4, 2),
-        bottle_ratio=4, has_downsampler=(False, True), down_growth=False)),
+        in_channels=(32, 64), out_channels=(64, 64), num_blocks=(1, 1), expand_ratio=(4, 2),
+        bottle_ratio=4, has_downsampler=(False, True), down_growth=False,
+        block_args=dict(base_channels=8, groups=2, width_per_group=4))),
     'Darknet': ('arch_settings', None, ((1, 1, 1, 1, 1), ((32, 16), (16, 16), (16, 16),
                                                      (16, 16), (16, 16)))),
     'LeViT': ('arch_zoo', None, dict(embed_dims=[16, 16, 16], num_heads=[1, 1, 1], depths=[1, 1, 1],
@@ -296,6 +303,14 @@ def _randomize_norms_(model: nn.Module, generator: torch.Generator):
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + .5)
 
 
+def _randomize_uninitialized_(model: nn.Module, generator: torch.Generator):
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ in UNINITIALIZED:
+                std = (2 / m.weight[0].numel()) ** .5
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor):
     """One SGD step in train mode, the gradient clipped to norm 1. The norms keep their (random)
     running statistics: at these sizes the last maps are 1x1 or 2x2, whose batch statistics
@@ -318,12 +333,13 @@ def _train_step(model: nn.Module, x: torch.Tensor):
 
 def _unfused_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The un-fused model's features in float64 (not the fused arithmetic), or in the model's
-    own dtype for networks that make float32 tensors of their own (positional encodings)."""
+    own dtype for networks that make float32 tensors of their own (positional encodings); the
+    table names such a reference."""
     with torch.no_grad(), mmorepa.unfused_eval(model):
         try:
             return _outputs(copy.deepcopy(model).double(), x.double())
         except RuntimeError:
-            return _outputs(model, x).double()
+            return _outputs(model, x)
 
 
 def _load_strictly(stock: nn.Module, state_dict: dict):
@@ -351,16 +367,17 @@ def check_backbone(toolbox: str, name: str) -> dict:
     if name in NEEDS:
         row['skip'] = f'not built here: needs {NEEDS[name]}'
         return row
-    if case is None:
-        row['error'] = 'no small configuration in this sweep'
-        return row
-    kwargs, side = case
     init_default_scope(toolbox)
     registry = toolbox_registry(toolbox)
     registry.import_from_location()
     if name not in registry.module_dict:
-        row['skip'] = f'{toolbox} does not register {name} (no OREPA name)'
+        row['skip'] = (f'{toolbox} exports {name} without registering it: neither {name} nor '
+                       f'OREPA{name} builds')
         return row
+    if case is None:
+        row['error'] = 'no small configuration in this sweep'
+        return row
+    kwargs, side = case
     torch.manual_seed(0)
     cfg = dict(type=f'OREPA{name}', **copy.deepcopy(kwargs))
     in_channels = 1 if name == 'LeNet5' else 3
@@ -376,9 +393,12 @@ def _check(registry, name, cfg, x, row):
         model = registry.build(cfg)
         row['layers'] = len(_outer_layers(model))
         row['kept'] = list(getattr(model, 'convs_kept_plain', ()))
+        _randomize_uninitialized_(model, torch.Generator().manual_seed(2))
         _randomize_norms_(model, torch.Generator().manual_seed(1))
         _train_step(model, x)
         reference = _unfused_features(model, x)
+        row['reference'] = str(reference.dtype).replace('torch.', '')
+        reference = reference.double()
         if not (torch.isfinite(reference).all() and reference.abs().max() > 0):
             raise AssertionError('the un-fused features are zero or not finite after the '
                                  'training step')
@@ -414,6 +434,8 @@ HEADER = ('| toolbox | OREPA name | re-parameterized layers | k x k convs kept p
 
 def table_row(r: dict) -> str:
     err = '' if r['rel_err'] is None else f'{r["rel_err"]:.1e}'
+    if err and r.get('reference', 'float64') != 'float64':
+        err += f' ({r["reference"]} reference)'
     result = r.get('skip') or r['error'] or 'ok'
     return (f'| {r["toolbox"]} | OREPA{r["name"]} | {r["layers"]} | '
             f'{_why(r["kept"]) or "none"} | {err} | {result} |')
@@ -446,28 +468,26 @@ def sweep(toolboxes=TOOLBOXES, names: Optional[List[str]] = None, on_row=None) -
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--toolboxes', nargs='+', default=list(TOOLBOXES))
+    from mmorepa.cli import ArgumentParser, ToolError
+    from mmorepa.fileio import atomic_write
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--toolboxes', nargs='+', default=list(TOOLBOXES),
+                        choices=list(TOOLBOXES))
     parser.add_argument('--names', nargs='+', help='only these backbone names')
     parser.add_argument('--markdown', help='also write the table to this file')
     args = parser.parse_args(argv)
-    for toolbox in args.toolboxes:
-        if toolbox not in TOOLBOXES:
-            print(f'sweep_backbones: unknown toolbox {toolbox!r}; expected one of '
-                  f'{list(TOOLBOXES)}', file=sys.stderr)
-            return 1
     print(HEADER, flush=True)
     rows = sweep(args.toolboxes, args.names, lambda r: print(table_row(r), flush=True))
     text = table(rows)
     if args.markdown:
         from pathlib import Path
-        try:
-            from mmorepa.fileio import atomic_write
-        except ImportError:
-            from mmorepa.deploy import atomic_write
         atomic_write(args.markdown, lambda p: Path(p).write_text(text + '\n'))
-    return 1 if any(r['error'] for r in rows) else 0
+    failed = [r['name'] for r in rows if r['error']]
+    if failed:
+        raise ToolError(f'{len(failed)} of {len(rows)} rows failed: {", ".join(failed)}')
+    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from mmorepa.cli import run_tool
+    run_tool(main)

@@ -28,7 +28,7 @@ Where the names live (mmengine's registries have no hook for unknown names):
 import ast
 import importlib.util
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch.nn as nn
 from mmengine.registry import MODELS, DefaultScope, Registry
@@ -179,6 +179,34 @@ def _lookup(type_name: str, scope: Optional[str]):
     return (None if registry is None else registry.module_dict[bare]), scope
 
 
+def _resolve(node: dict, scope: Optional[str]):
+    """What the ``type`` of config ``node`` is (``None``: no type, or none a registry has) and
+    the scope its children are built in. The node is built in its ``_scope_``, else the default
+    scope, else ``scope`` (that of the enclosing model), as mmengine builds it."""
+    if node.get('_scope_'):
+        scope = node['_scope_']
+    elif DefaultScope.get_current_instance() is not None:
+        scope = DefaultScope.get_current_instance().scope_name
+    if not isinstance(node.get('type'), str):
+        return None, scope
+    return _lookup(node['type'], scope)
+
+
+def resolved_types(node, scope: Optional[str] = None) -> Iterator:
+    """What each ``type`` in ``node`` (a model config: dicts and lists) is in the registry that
+    builds it (``None`` where that registry has no such name), resolved as in
+    :func:`stock_model_cfg`."""
+    if isinstance(node, (list, tuple)):
+        for v in node:
+            yield from resolved_types(v, scope)
+    elif isinstance(node, dict):
+        found, child_scope = _resolve(node, scope)
+        if isinstance(node.get('type'), str):
+            yield found
+        for v in node.values():
+            yield from resolved_types(v, child_scope)
+
+
 def stock_model_cfg(node, scope: Optional[str] = None):
     """``node`` (a model config: dicts and lists) with every OREPA backbone replaced by the
     config of the stock network its fused form is (:meth:`OREPABuilder.stock_cfg`), each
@@ -189,12 +217,7 @@ def stock_model_cfg(node, scope: Optional[str] = None):
         return type(node)(stock_model_cfg(v, scope) for v in node)
     if not isinstance(node, dict):
         return node
-    if node.get('_scope_'):
-        scope = node['_scope_']
-    elif DefaultScope.get_current_instance() is not None:
-        scope = DefaultScope.get_current_instance().scope_name
-    found, child_scope = (_lookup(node['type'], scope) if isinstance(node.get('type'), str)
-                          else (None, scope))
+    found, child_scope = _resolve(node, scope)
     node = {k: stock_model_cfg(v, child_scope) for k, v in node.items()}
     if isinstance(found, OREPABuilder):
         stock = found.stock_cfg(node)

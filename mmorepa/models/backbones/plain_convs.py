@@ -2,7 +2,9 @@
 
 :func:`~.reparam_backbone.swap_convs_` puts a re-parameterizable layer in place of each of them:
 
-- ``nn.Conv2d`` (zero padding): the layer itself.
+- ``nn.Conv2d`` (zero padding): the layer itself. String padding is taken in the numbers it
+  means (:func:`zero_padding`: ``'valid'`` is 0, ``'same'`` at stride 1 pads ``d (k - 1) / 2`` on
+  each side where that is whole); such a layer fuses back into a conv with the string padding.
 - mmcv's ``Conv2d`` wrapper (``mmcv.cnn.bricks.wrappers.Conv2d``, registered as ``'Conv'``;
   VAN, DaViT): ``nn.Conv2d`` plus an empty-input case; the layer, fused back into the wrapper.
 - mmcv's ``Conv2dAdaptivePadding`` (TF-style 'same' padding; EfficientNet): the layer with
@@ -46,9 +48,23 @@ def same_padding(size: Tuple[int, int], kernel_size, stride, dilation) -> Tuple[
     return (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
 
 
+def zero_padding(conv: nn.Conv2d):
+    """``conv``'s padding as the ``(rows, columns)`` of zeros on each side that it pads; a
+    string padding it cannot be written as (``'same'`` where ``d (k - 1)`` is odd: one side gets
+    more) is returned as it is."""
+    if conv.padding == 'valid':
+        return (0, 0)
+    if conv.padding == 'same':
+        totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+        if all(t % 2 == 0 for t in totals):
+            return tuple(t // 2 for t in totals)
+    return conv.padding
+
+
 class _FusesIntoStockConv:
     """Mixin of a re-parameterizable layer that stands in for a conv of class
-    ``stock_conv_class`` (an ``nn.Conv2d`` subclass with ``nn.Conv2d``'s signature)."""
+    ``stock_conv_class`` (an ``nn.Conv2d`` subclass with ``nn.Conv2d``'s signature), whose
+    padding is ``stock_padding`` where that is set (a string: ``'same'``, ``'valid'``)."""
 
     layer_class: type = ReparamConv2d
     stock_conv_class: type = nn.Conv2d
@@ -57,7 +73,8 @@ class _FusesIntoStockConv:
         plain = super().to_conv2d()
         conv = self.stock_conv_class(
             plain.in_channels, plain.out_channels, plain.kernel_size, plain.stride,
-            plain.padding, plain.dilation, plain.groups, bias=plain.bias is not None)
+            getattr(self, 'stock_padding', plain.padding), plain.dilation, plain.groups,
+            bias=plain.bias is not None)
         conv.to(device=plain.weight.device, dtype=plain.weight.dtype)
         conv.load_state_dict(plain.state_dict())
         return conv.train(self.training)
@@ -107,19 +124,23 @@ class PlainConvForm:
         self.keeps_class = keeps_class
 
     def adopt(self, layer: nn.Module, conv: nn.Conv2d) -> nn.Module:
-        """``layer`` (built for ``conv``'s geometry) made to stand in for ``conv``'s class."""
-        if self.keeps_class and isinstance(layer, ReparamConv2d):
+        """``layer`` (built for ``conv``'s geometry) made to stand in for ``conv``'s class and
+        fuse into it with its string padding, if it has one."""
+        string_padding = isinstance(conv.padding, str)
+        if (self.keeps_class or string_padding) and isinstance(layer, ReparamConv2d):
             layer.__class__ = stock_conv_layer_class(type(layer), type(conv))
+            if string_padding:
+                layer.stock_padding = conv.padding
         return layer
 
 
 @functools.lru_cache(maxsize=None)
 def plain_conv_forms() -> Dict[type, PlainConvForm]:
     """The conv classes that compute as a plain zero-padded conv, by exact class."""
-    forms = {nn.Conv2d: PlainConvForm(lambda conv: conv.padding, keeps_class=False)}
+    forms = {nn.Conv2d: PlainConvForm(zero_padding, keeps_class=False)}
     wrapper, adaptive = _mmcv_convs()
     if wrapper is not None:
-        forms[wrapper] = PlainConvForm(lambda conv: conv.padding, keeps_class=True)
+        forms[wrapper] = PlainConvForm(zero_padding, keeps_class=True)
         forms[adaptive] = PlainConvForm(lambda conv: 0, keeps_class=True)
     return forms
 

@@ -109,7 +109,8 @@ def _reparam_layer(conv: nn.Conv2d, conv_cfg: dict, form: PlainConvForm):
         return None, (f'padding_mode={conv.padding_mode!r}: only zero padding squeezes exactly')
     padding = form.padding(conv)
     if isinstance(padding, str):
-        return None, f'padding={padding!r}'
+        return None, (f'padding={padding!r} with kernel_size {conv.kernel_size} and dilation '
+                      f'{conv.dilation} pads one side more than the other')
     try:
         return build_conv_layer(conv_cfg, conv.in_channels, conv.out_channels, conv.kernel_size,
                                 stride=conv.stride, padding=padding, dilation=conv.dilation,
