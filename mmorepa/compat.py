@@ -23,3 +23,12 @@ def check_torch(version: str = torch.__version__) -> None:
 
 
 check_torch()
+
+
+def register_load_state_dict_pre_hook(module: torch.nn.Module, hook) -> None:
+    """``module.register_load_state_dict_pre_hook(hook)`` (torch >= 2.5); on older torch the same
+    hook, ``hook(module, state_dict, prefix, ...)``, through the private registration."""
+    if hasattr(module, 'register_load_state_dict_pre_hook'):
+        module.register_load_state_dict_pre_hook(hook)
+    else:
+        module._register_load_state_dict_pre_hook(hook, with_module=True)

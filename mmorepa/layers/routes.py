@@ -32,7 +32,10 @@ class PairRoutes:
 
     def _pair_row(self) -> Optional[int]:
         """The row of the conv pair among the layer's branches, or ``None``."""
-        return next((row for row, b in enumerate(self.branch_records) if b.conv_pair), None)
+        for row, b in enumerate(self.branch_records):  # a loop: torch 2.4's dynamo has no next()
+            if b.conv_pair:
+                return row
+        return None
 
     def pair_costs(self, input_shape, input_needs_grad: bool = True,
                    backward: bool = True) -> Dict[str, int]:

@@ -22,6 +22,7 @@ from mmcv.cnn import build_conv_layer
 from mmengine.logging import print_log
 from mmengine.registry import MODELS, DefaultScope
 
+from ...compat import register_load_state_dict_pre_hook
 from ...fusion import fuse_convs_, norm_taking_bias
 from ...layers.base import ReparamConv2d
 from ...layers.dbb import DiverseBranchBlock
@@ -164,7 +165,7 @@ class ReparamBackboneMixin:
         super().__init__(*args, **kwargs)
         self.deploy = deploy
         self.convs_kept_plain = ()
-        self.register_load_state_dict_pre_hook(seed_plain_convs)
+        register_load_state_dict_pre_hook(self, seed_plain_convs)
         if reparam_conv_cfg is not None and not deploy:
             check_conv_cfg(reparam_conv_cfg)
             kept = []
