@@ -63,7 +63,8 @@ def extension_options():
                     record_path(self.get_ext_fullpath(ext.name)).write_text(text)
 
     # the AVX2 path is chosen at run time
-    ext = CppExtension('mmorepa._squeeze_cpu', [SOURCE], extra_compile_args=['-O3', '-Wno-psabi'])
+    ext = CppExtension('mmorepa._squeeze_cpu', [SOURCE], extra_compile_args=extension.COMPILE_ARGS,
+                       extra_link_args=extension.LINK_ARGS)
     return {'ext_modules': [ext], 'cmdclass': {'build_ext': BuildExtensionWithRecord}}
 
 

@@ -95,6 +95,7 @@ def _fake_binary(package: Path, record: dict):
     ('torch', '2.4.0+fake', 'built against torch 2.4.0+fake, running torch'),
     ('cxx11_abi', not torch.compiled_with_cxx11_abi(), 'built with _GLIBCXX_USE_CXX11_ABI='),
     ('source_sha256', '0' * 64, 'built from another version of squeeze_cpu.cpp'),
+    ('compile_args', ['-O0'], "built with compiler flags ['-O0']"),
 ])
 def test_a_mismatched_binary_is_never_imported(tmp_path, field, value, reason):
     """The record says another torch, ABI or source: the binary is not imported (importing this

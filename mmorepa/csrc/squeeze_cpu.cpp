@@ -174,9 +174,9 @@ struct DwPwBackward {
     }
 };
 
-// The gradients for the input channels [i0, i1) (see kernels._squeeze_backward for the
-// formulas), one read of each gradient tap; the scales' gradients of this range are added into
-// ds (n_rows, C_out), a buffer of this thread.
+// The gradients for the input channels [i0, i1) (the formulas: each branch's backward in
+// mmorepa/ops/branches.py), one read of each gradient tap; the scales' gradients of this range
+// are added into ds (n_rows, C_out), a buffer of this thread.
 template <typename T, int PC, int MC>
 inline void backward_range(const Shape& sh, const Operands<T>& in, int64_t i0, int64_t i1, T* ds) {
     const int64_t P = PC > 0 ? PC : sh.taps;

@@ -23,15 +23,21 @@ NAME = 'mmorepa._squeeze_cpu'
 SOURCE = Path(__file__).resolve().parents[1] / 'csrc' / 'squeeze_cpu.cpp'
 BUILD_COMMAND = 'MMOREPA_BUILD_EXT=1 pip install --no-build-isolation -e .'
 RECORD_SUFFIX = '.json'
+# the compiler flags of a build; OpenMP (Linux) runs at::parallel_for's loops on torch's threads
+_OPENMP = ['-fopenmp'] if sys.platform.startswith('linux') else []
+COMPILE_ARGS = ['-O3', '-Wno-psabi'] + _OPENMP
+LINK_ARGS = list(_OPENMP)
 
 __all__ = ['squeeze_cpu', 'unavailable_reason', 'warn_unavailable', 'build_record']
 
 
 def build_record(source: Path = SOURCE) -> dict:
-    """What a binary of the extension depends on: the running torch's version and C++ ABI, and
-    the hash of its source. A build writes it beside the binary; loading compares it."""
+    """What a binary of the extension depends on: the running torch's version and C++ ABI, the
+    hash of its source and the compiler flags. A build writes it beside the binary; loading
+    compares it."""
     return {'torch': torch.__version__, 'cxx11_abi': bool(torch.compiled_with_cxx11_abi()),
-            'source_sha256': hashlib.sha256(source.read_bytes()).hexdigest()}
+            'source_sha256': hashlib.sha256(source.read_bytes()).hexdigest(),
+            'compile_args': COMPILE_ARGS}
 
 
 def _mismatch(record: dict) -> Optional[str]:
@@ -43,6 +49,8 @@ def _mismatch(record: dict) -> Optional[str]:
                f'running torch has {int(torch.compiled_with_cxx11_abi())}'
     if SOURCE.is_file() and record.get('source_sha256') != build_record()['source_sha256']:
         return f'built from another version of {SOURCE.name}'
+    if record.get('compile_args') != COMPILE_ARGS:
+        return f"built with compiler flags {record.get('compile_args')}, not {COMPILE_ARGS}"
     return None
 
 
