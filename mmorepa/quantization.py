@@ -378,6 +378,8 @@ class ExportedLogits(nn.Module):
         return feats[-1]
 
     def predict(self, feats, data_samples=None, **kwargs):
+        # mmpretrain has no public call from logits to predictions (ClsHead.predict runs the
+        # head's layers first); _get_predictions is each head class's own post-processing
         return self.head._get_predictions(self(feats), data_samples)
 
 
