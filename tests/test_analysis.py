@@ -194,3 +194,44 @@ def test_benchmark_refuses_a_bad_compile_option_in_one_line(entry):
     assert r.stderr.strip().splitlines() == [
         f"benchmark_train_cost: bad --compile-options entry {entry!r}: expected KEY=VALUE with "
         "KEY an inductor option and VALUE a Python literal"]
+
+
+def test_benchmark_profile_puts_each_component_in_its_group(monkeypatch, capsys):
+    """--profile: the squeeze's forward and backward, the pair's compositions (kernel route),
+    the feature-route convs, the model's convs and the optimizer each get their own time; a
+    plain model has none in the OREPA groups; the table gives the speed-up between thread
+    counts."""
+    import benchmark_train_cost as bench
+    from mmorepa.layers import OREPAConv2d
+    from mmorepa.layers.routes import PairRoutes
+    monkeypatch.setattr(PairRoutes, '_pair_on_features', PairRoutes._pair_on_features)
+    bench.mark_feature_route()
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+
+    def profile(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            opt.step()
+        step()
+        return bench.profile_components(step, 2)
+    orepa = profile(torch.nn.Sequential(OREPAConv2d(4, 8, 3, padding=1, route='kernel'),
+                                        OREPAConv2d(8, 8, 3, padding=1, route='feature')))
+    plain = profile(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1),
+                                        torch.nn.Conv2d(8, 8, 3, padding=1)))
+    assert set(orepa['groups']) == set(bench.GROUPS)
+    for group in ('model convs', 'squeeze forward', 'squeeze backward', 'pair compositions',
+                  'feature-route convs', 'optimizer'):
+        assert orepa['groups'][group] > 0, group
+    for group in ('squeeze forward', 'squeeze backward', 'pair compositions',
+                  'feature-route convs'):
+        assert plain['groups'][group] == 0, group
+    assert plain['groups']['model convs'] > 0 and plain['groups']['optimizer'] > 0
+    rows = [dict(arch='a', label='orepa', threads=n, profile=orepa) for n in (1, 2)]
+    bench.print_components(rows, 2)
+    out = capsys.readouterr().out
+    assert '| group | arch | re-param | 1 thr | 2 thr | speed-up 1 -> 2 thr |' in out
+    assert '| squeeze backward | a | orepa |' in out and '1.00x |' in out
