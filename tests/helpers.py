@@ -3,6 +3,7 @@ toolboxes' registries, and running the tools. The shared fixtures are in ``conft
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,22 @@ def run_python(args, check: bool = False, umask=None, cwd=ROOT,
     if check and proc.returncode:
         raise AssertionError(f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
+
+
+def without_python_warnings(stderr: str) -> str:
+    """``stderr`` without the records of Python warnings (``FILE:LINE: CategoryWarning: ...``
+    and the source line after it), which installed packages may print at import (mmengine 0.10.0
+    under torch 2.4, the oldest stack, forces one): what the tool itself wrote."""
+    lines, skip = [], False
+    for line in stderr.splitlines():
+        if re.match(r'\S+\.py:\d+: \w*Warning: ', line):
+            skip = True
+            continue
+        if skip and line.startswith(' '):
+            continue
+        skip = False
+        lines.append(line)
+    return '\n'.join(lines) + ('\n' if lines else '')
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, *names) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from mmorepa.ops import branches as B
 
-from helpers import CLS_CFG, ROOT, assert_clean_failure, run_python
+from helpers import CLS_CFG, ROOT, assert_clean_failure, run_python, without_python_warnings
 
 LONG = 'n' * 300  # longer than NAME_MAX (255) on every Linux file system
 
@@ -51,6 +51,14 @@ def _unwritable(kind, tmp_path):
 # Usage errors: argparse's message, one line, exit status 1 (mmorepa.cli.ArgumentParser) ---------
 PYTHON_TOOLS = sorted(str(p.relative_to(ROOT)) for folder in ('tools', 'tools/analysis')
                       for p in (ROOT / folder).glob('*.py'))
+def test_python_warning_records_are_told_apart_from_the_tools_lines():
+    text = ('/site/mmengine/x.py:11: DeprecationWarning: old API\n  from torch import y\n'
+            'train: error: bad value\n')
+    assert without_python_warnings(text) == 'train: error: bad value\n'
+    assert without_python_warnings('train: error: a.py:3: UserWarning: x\n') == \
+        'train: error: a.py:3: UserWarning: x\n'
+
+
 # a tool whose first positional argument is a choice gets a valid one
 FIRST_ARGUMENT = {'tools/analysis/measure_memory.py': 'cache'}
 
@@ -62,10 +70,10 @@ def test_unknown_option_is_one_line_and_exit_1(tool):
     first = FIRST_ARGUMENT.get(tool, 'x')
     proc = run_python([tool, first, 'x', 'x', 'x', '--out-dir', 'x', '--no-such-option'])
     assert proc.returncode == 1 and proc.stdout == '', (proc.returncode, proc.stderr)
-    name = Path(tool).stem
-    assert proc.stderr.startswith(f'{name}: error: unrecognized arguments: ') and \
-        proc.stderr.strip().endswith(' --no-such-option') and \
-        len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    name, stderr = Path(tool).stem, without_python_warnings(proc.stderr)
+    assert stderr.startswith(f'{name}: error: unrecognized arguments: ') and \
+        stderr.strip().endswith(' --no-such-option') and \
+        len(stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # Outputs that cannot be written: refused before any work, the output named --------------------
