@@ -65,29 +65,29 @@ def test_benchmark_counters_by_hand():
     assert c['param_state_bytes'] == 3 * 4 * sum(p.numel() for p in model.parameters())
 
 
-def test_benchmark_counters_squeeze_function_vs_autograd(tmp_path):
+def test_benchmark_counters_squeeze_function_vs_autograd():
     """The OREPA squeeze operator keeps less for backward than autograd through the same math,
     at the same FLOPs up to the fixed filters' gradient it does as a (counted) batched product
-    (the counter sees into the operator through its registered FLOP formula)."""
+    (the counter sees into the operator through its registered FLOP formula). The benchmark's
+    own model builder and counter, in this process (``--counters-only --squeeze ...``)."""
+    import benchmark_train_cost as bench
+    from mmorepa.layers import OREPAConv1x1, OREPAConv2d
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 2])
     rows = {}
     for impl in ('autograd', 'function'):
-        out = tmp_path / f'{impl}.json'
-        proc = subprocess.run(
-            [sys.executable, 'tools/analysis/benchmark_train_cost.py', '--archs', 'resnet18',
-             '--reparams', 'none', 'orepa', '--batch-size', '2', '--input-size', '64',
-             '--threads', '1', '--counters-only', '--squeeze', impl, '--json', str(out)],
-            cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows[impl] = {r['reparam']: r for r in json.loads(out.read_text())}
-        assert rows[impl]['orepa']['step_times'] == []  # no timed steps
-    a, f = rows['autograd'], rows['function']
+        for reparam in ('none', 'orepa'):
+            torch.manual_seed(0)
+            model, _ = bench._build(dict(arch='resnet18', reparam=reparam, squeeze=impl), 'cpu')
+            model(x)  # the lazy head
+            rows[impl, reparam] = bench.count_step(model, x, y)
+    a = {r: rows['autograd', r] for r in ('none', 'orepa')}
+    f = {r: rows['function', r] for r in ('none', 'orepa')}
     assert a['none']['saved_bytes'] == f['none']['saved_bytes']  # plain: untouched
     assert f['orepa']['saved_bytes'] < a['orepa']['saved_bytes']
     # the operator does the fixed filters' gradient as a batched product, which the counter
     # sees, where autograd does it as uncounted element-wise multiply-and-sum: a few
     # multiply-adds per element of each layer's squeezed kernel
-    import benchmark_train_cost as bench
-    from mmorepa.layers import OREPAConv1x1, OREPAConv2d
     kernel_elements = sum(
         m.out_channels * m.in_channels // m.groups * m.kernel_size[0] ** 2
         for m in bench.build_model('resnet18', 'orepa').modules()
