@@ -8,7 +8,8 @@ C++ compiler in the build environment::
 
 Otherwise nothing is compiled and torch is not imported: the package then runs the squeeze on
 torch's operators. Beside each binary the build writes its record (``<binary>.json``: torch version,
-C++ ABI, source hash); ``mmorepa.ops.extension`` loads the binary only where the record fits.
+C++ ABI, source hash, compiler flags); ``mmorepa.ops.extension`` loads the binary only where the
+record fits.
 """
 import importlib.util
 import json

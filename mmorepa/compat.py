@@ -1,4 +1,5 @@
-"""The oldest torch mmorepa runs on; ``import mmorepa`` refuses an older one in one line."""
+"""The oldest torch mmorepa runs on (``import mmorepa`` refuses an older one in one line), and
+what differs between that torch and newer ones."""
 import re
 
 import torch

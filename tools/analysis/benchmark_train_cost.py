@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from mmorepa.fileio import atomic_write  # noqa: E402
 from mmorepa.ops import branches as B  # noqa: E402
 
 # name: (backbone type, depth, batch, image size, classes, last stage's output pixels)
@@ -313,15 +314,20 @@ def mark_feature_route() -> None:
     PairRoutes._pair_on_features = marked
 
 
-def _group(event, feature_seqs: set) -> str:
-    """The group of :data:`GROUPS` of one profiled operator: by its outermost marked ancestor
-    (the optimizer's step, a squeeze operator, the feature route; a backward node by the
-    sequence number of the forward operator it differentiates), else by its own name."""
+def _chain(event) -> list:
+    """``event`` and the profiled operators around it, outermost first."""
     chain = []
     while event is not None:
         chain.append(event)
         event = event.cpu_parent
-    chain.reverse()  # outermost first
+    return chain[::-1]
+
+
+def _group(event, feature_seqs: set) -> str:
+    """The group of :data:`GROUPS` of one profiled operator: by its outermost marked ancestor
+    (the optimizer's step, a squeeze operator, the feature route; a backward node by the
+    sequence number of the forward operator it differentiates), else by its own name."""
+    chain = _chain(event)
     for depth, e in enumerate(chain):
         if e.name.startswith('Optimizer.'):
             return 'optimizer'
@@ -348,14 +354,9 @@ def profile_components(step, n: int) -> dict:
             step()
         wall = time.perf_counter() - start
     events = prof.events()
-    feature_seqs = set()
-    for e in events:
-        parent = e.cpu_parent
-        while parent is not None and e.sequence_nr >= 0:
-            if parent.name == FEATURE_ROUTE:
-                feature_seqs.add(e.sequence_nr)
-                break
-            parent = parent.cpu_parent
+    # the forward operators of the feature route, whose backward nodes carry their number
+    feature_seqs = {e.sequence_nr for e in events if e.sequence_nr >= 0
+                    and any(a.name == FEATURE_ROUTE for a in _chain(e.cpu_parent))}
     seconds = dict.fromkeys(GROUPS, 0.0)
     for e in events:
         seconds[_group(e, feature_seqs)] += e.self_cpu_time_total / 1e6 / n
@@ -554,9 +555,9 @@ def print_timings(results: list, args, device: str, compile_options: dict) -> No
 
 
 def print_components(results: list, steps: int) -> None:
-    """The component profile: ms per step of each operator group per variant and thread count,
-    the speed-up of each group from the fewest threads to the most, and the groups' total
-    against the model's convs; then the profiler's top operators of each."""
+    """The component profile: ms per step of each operator group (and the profiled step) per
+    variant and thread count, and the speed-up of each from the fewest threads to the most;
+    then the profiler's top operators of each."""
     counts = sorted({r['threads'] for r in results})
     print(f'\ncomponents: ms per training step over {steps} profiled steps (torch.profiler; '
           'self time of the operators of each group)')
@@ -609,7 +610,6 @@ def main(argv=None):
     elif args.plot:
         plot_fig8(results, args.plot, timing)
     if args.json:
-        from mmorepa.fileio import atomic_write
         text = json.dumps(results, indent=1)
         atomic_write(args.json, lambda path: Path(path).write_text(text))
     return results
@@ -652,7 +652,6 @@ def plot_fig8(results, path, timing=True):
             ax.set_title(f'{arch}: {title}', fontsize=9)
     fig.suptitle('Training cost: plain, offline DBB (hatched), online OREPA (blue)', fontsize=10)
     fig.tight_layout()
-    from mmorepa.fileio import atomic_write
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format='png'))
     plt.close(fig)
     return path
@@ -680,7 +679,6 @@ def plot_regimes(results, path, timing=True):
     ax.set_ylabel('step time / plain' if timing else 'FLOPs / plain')
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from mmorepa.fileio import atomic_write
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format='png'))
     plt.close(fig)
     return path
