@@ -2,6 +2,8 @@
 give eager's outputs and gradients, a layer's training step is one graph (``fullgraph=True``:
 no graph break), and mmengine's
 ``compile=True`` trains a tiny OREPA classifier. Small layers only: compiling is slow on the CPU."""
+import re
+
 import pytest
 import torch
 
@@ -64,6 +66,33 @@ def test_inductor_training_step_equals_eager(options):
     got = _train_step(torch.compile(compiled, fullgraph=True, options=options), compiled, x)
     for w, g in zip(want, got):
         assert rel_err(g, w) <= 1e-5
+
+
+def _squeeze_calls(code: str):
+    """The operand lists of the squeeze operators' calls in inductor's generated code."""
+    return re.findall(r'torch\.ops\.mmorepa\.squeeze(?:_backward)?\.default\((?:buf\d+, )?\[([^]]*)\]',
+                      code)
+
+
+def test_inductor_default_layout_reads_the_leaves_in_place():
+    """With inductor's defaults, layout optimization lays the network's convs out channels-last;
+    the squeeze operators still read every leaf where it is, forward and backward: no copy of a
+    parameter to channels-last and back each step."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(OREPAConv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                                torch.nn.ReLU(), OREPAConv2d(16, 16, 3, padding=1)).train()
+    run = torch.compile(model)
+    x = torch.randn(2, 16, 8, 8)
+    _, codes = run_and_get_code(lambda: run(x).sum().backward())
+    code = '\n'.join(codes)
+    assert re.search(r'empty_strided_cpu\(\(16, 16, 3, 3\), \(144, 1, 48, 16\)', code), \
+        'layout optimization is on: the squeezed kernels go to the convs channels-last'
+    calls = _squeeze_calls(code)
+    assert len(calls) == 4  # two layers, forward and backward
+    for operands in calls:
+        assert all(name.strip().startswith('primals_') for name in operands.split(',')), operands
 
 
 def test_mmengine_compile_trains_a_tiny_orepa_classifier(tmp_path):

@@ -278,6 +278,18 @@ def _(grad, leaves, scales, identity, freq_prior, branches, kernel_size, groups,
             + [t.new_empty(t.shape) if n else grad.new_empty(0) for t, n in zip(leaves, needs)])
 
 
+def _pinned_layout(leaf: Tensor) -> Tensor:
+    """``leaf`` as an ``as_strided`` view of itself, for the squeeze operator under torch.compile.
+
+    Inductor's layout optimization gives every 4-D tensor upstream of a convolution channels-last
+    strides, the parameters the backward keeps included: each step it would copy the squeeze's
+    4-D leaves to channels-last and back to the operator's contiguous layout, in the forward and
+    in the backward. It leaves the strides of a tensor that an ``as_strided`` reads, so with this
+    view the operator reads the parameters where they are. The view is the identity: the
+    operator's own backward gives the leaves' gradients."""
+    return leaf.as_strided(leaf.shape, leaf.stride())
+
+
 class _Squeeze(torch.autograd.Function):
     """One autograd node over the two operators: it saves only the leaves and calls the backward
     operator. (An autograd.Function rather than the operator's own autograd registration, so that
@@ -285,6 +297,8 @@ class _Squeeze(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, scales, identity, freq_prior, *leaves):
+        if torch.compiler.is_compiling():
+            leaves = [_pinned_layout(t) for t in leaves]
         return _squeeze_op(list(leaves), scales, identity, freq_prior, *spec)
 
     @staticmethod
