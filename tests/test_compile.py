@@ -55,7 +55,7 @@ def test_compiled_training_step_and_eval_equal_eager(name):
 
 @pytest.mark.parametrize('options', [None, {'layout_optimization': False}])
 def test_inductor_training_step_equals_eager(options):
-    """Inductor's default, and the setting docs/training_cost.md recommends for OREPA on the CPU."""
+    """Inductor's defaults, and with its layout optimization off."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = OREPAConv2d(4, 8, 3, groups=2, route='kernel').train()
