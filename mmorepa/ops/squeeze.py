@@ -297,7 +297,7 @@ class _Squeeze(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, scales, identity, freq_prior, *leaves):
-        if torch.compiler.is_compiling():
+        if _PINS_LAYOUT and torch.compiler.is_compiling():
             leaves = [_pinned_layout(t) for t in leaves]
         return _squeeze_op(list(leaves), scales, identity, freq_prior, *spec)
 
@@ -341,6 +341,9 @@ if torch_older_than('2.5'):  # there it files them by overload; FlopCounterMode 
 # torch < 2.5 runs a custom operator's autograd even inside a backward under torch.func transforms,
 # which refuse it: there the squeeze takes autograd through the reference (the same value).
 _FUNC_TAKES_REFERENCE = torch_older_than('2.5')
+# torch 2.4's compiler fails on the as_strided views of the leaves under no_grad: there the
+# compiled step keeps inductor's copies of them
+_PINS_LAYOUT = not torch_older_than('2.5')
 
 
 def squeezed_kernel(branches: Sequence[str], leaves: dict, scales: Optional[Tensor],
