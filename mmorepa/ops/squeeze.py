@@ -208,9 +208,9 @@ def _squeeze_backward(grad, branches: Sequence[Branch], leaves, needs, need_scal
 
 
 # The squeeze and its backward as two operators of their own (torch.library), joined by one
-# autograd node (``_Squeeze``): eager they run the functions above; under torch.compile they stay
-# opaque, so the compiler neither re-lays out their operands (which sent the batched products to a
-# copy per matrix) nor unfuses their passes.
+# autograd node (``_Squeeze``; under no_grad the forward operator alone): eager they run the
+# functions above; under torch.compile they stay opaque, so the compiler does not unfuse their
+# passes, and reads their parameters in place (:func:`_pinned_layout`).
 def _squeeze_impl(leaves: List[Tensor], scales: Optional[Tensor], identity: Optional[Tensor],
                   freq_prior: Optional[Tensor], branches: str, kernel_size: int, groups: int,
                   in_channels: int, out_channels: int) -> Tensor:
@@ -285,8 +285,9 @@ def _pinned_layout(leaf: Tensor) -> Tensor:
     strides, the parameters the backward keeps included: each step it would copy the squeeze's
     4-D leaves to channels-last and back to the operator's contiguous layout, in the forward and
     in the backward. It leaves the strides of a tensor that an ``as_strided`` reads, so with this
-    view the operator reads the parameters where they are. The view is the identity: the
-    operator's own backward gives the leaves' gradients."""
+    view the operator reads the parameters where they are. The view is the identity (the leaf's
+    own storage offset, which ``as_strided`` keeps when none is given): the operator's own
+    backward gives the leaves' gradients."""
     return leaf.as_strided(leaf.shape, leaf.stride())
 
 
@@ -297,7 +298,7 @@ class _Squeeze(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, scales, identity, freq_prior, *leaves):
-        if _PINS_LAYOUT and torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             leaves = [_pinned_layout(t) for t in leaves]
         return _squeeze_op(list(leaves), scales, identity, freq_prior, *spec)
 
@@ -341,9 +342,6 @@ if torch_older_than('2.5'):  # there it files them by overload; FlopCounterMode 
 # torch < 2.5 runs a custom operator's autograd even inside a backward under torch.func transforms,
 # which refuse it: there the squeeze takes autograd through the reference (the same value).
 _FUNC_TAKES_REFERENCE = torch_older_than('2.5')
-# torch 2.4's compiler fails on the as_strided views of the leaves under no_grad: there the
-# compiled step keeps inductor's copies of them
-_PINS_LAYOUT = not torch_older_than('2.5')
 
 
 def squeezed_kernel(branches: Sequence[str], leaves: dict, scales: Optional[Tensor],
@@ -368,5 +366,7 @@ def squeezed_kernel(branches: Sequence[str], leaves: dict, scales: Optional[Tens
                                          in_channels, identity, freq_prior)
     spec = (','.join(branches), kernel_size, groups, in_channels,
             _out_channels(records, leaves))
-    return _Squeeze.apply(spec, scales, identity, freq_prior,
-                          *(leaves[n] for n in _leaf_names(records)))
+    tensors = [leaves[n] for n in _leaf_names(records)]
+    if not torch.is_grad_enabled():  # no autograd node: one graph under torch.compile too
+        return _squeeze_op(tensors, scales, identity, freq_prior, *spec)
+    return _Squeeze.apply(spec, scales, identity, freq_prior, *tensors)
