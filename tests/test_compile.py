@@ -71,8 +71,8 @@ def test_inductor_training_step_equals_eager(options):
 
 def _squeeze_calls(code: str):
     """The operand lists of the squeeze operators' calls in inductor's generated code."""
-    return re.findall(r'torch\.ops\.mmorepa\.squeeze(?:_backward)?\.default\((?:buf\d+, )?\[([^]]*)\]',
-                      code)
+    call = r'torch\.ops\.mmorepa\.squeeze(?:_backward)?\.default\((?:buf\d+, )?'
+    return re.findall(call + r'\[([^]]*)\]', code)
 
 
 def test_inductor_default_layout_reads_the_leaves_in_place():

@@ -5,8 +5,9 @@ OREPA squeeze's memory-bound branches in one pass each way on the CPU.
 ``None``. A build writes a record beside the binary (``<binary>.json``: the torch version and C++
 ABI it was compiled against, the hash of its source and the compiler flags); the binary is imported
 only when that record matches the running torch, the flags of :data:`COMPILE_ARGS` (and, in a
-source tree, the current source), so a binary built for another torch is never loaded. Without it the squeeze runs on torch's operators (the path of every
-other device) and :func:`warn_unavailable` says so once per process, in one line.
+source tree, the current source), so a binary built for another torch is never loaded. Without
+it the squeeze runs on torch's operators (the path of every other device) and
+:func:`warn_unavailable` says so once per process, in one line.
 """
 import hashlib
 import importlib.machinery
