@@ -97,34 +97,43 @@ def _norms_figure(plt, name, r):
     return fig
 
 
+# the figures of each layer: (kind, builder); the files are out_dir/<layer>_<kind>.png
+FIGURES = (('cosine', _cosine_figure), ('norms', _norms_figure))
+SUMMARY = 'summary.json'
+
+
+def _figure_path(out_dir: Path, name: str, kind: str) -> Path:
+    return out_dir / f'{name}_{kind}.png'
+
+
 def output_paths(results, out_dir: Path, inputs):
-    """The files the tool writes (two PNGs per layer and ``summary.json``), each checked before
-    any is written: writable, and none of ``inputs``."""
-    paths = [out_dir / f'{name}_{kind}.png' for name in results for kind in ('cosine', 'norms')]
-    paths.append(out_dir / 'summary.json')
+    """The files the tool writes (the :data:`FIGURES` of each layer and :data:`SUMMARY`), each
+    checked before any is written: writable, and none of ``inputs``."""
+    paths = [_figure_path(out_dir, name, kind) for name in results for kind, _ in FIGURES]
+    paths.append(out_dir / SUMMARY)
     for path in paths:
         check_output_file(path, inputs)
     return paths
 
 
 def save_plots(results, out_dir: Path):
-    """The PNGs and ``summary.json`` of ``results`` in ``out_dir``, each written atomically;
+    """The PNGs and :data:`SUMMARY` of ``results`` in ``out_dir``, each written atomically;
     returns the summary."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     summary = {}
     for name, r in results.items():
-        for kind, figure in (('cosine', _cosine_figure), ('norms', _norms_figure)):
+        for kind, figure in FIGURES:
             fig = figure(plt, name, r)
             try:
-                atomic_write(out_dir / f'{name}_{kind}.png', _figure_writer(fig))
+                atomic_write(_figure_path(out_dir, name, kind), _figure_writer(fig))
             finally:
                 plt.close(fig)
         summary[name] = dict(branches=r['branches'], cosine=r['cosine'].tolist(),
                              mean_norm={b: float(v.mean()) for b, v in r['norms'].items()})
     text = json.dumps(summary, indent=1)
-    atomic_write(out_dir / 'summary.json', lambda path: Path(path).write_text(text))
+    atomic_write(out_dir / SUMMARY, lambda path: Path(path).write_text(text))
     return summary
 
 
