@@ -45,6 +45,18 @@ def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
     assert (tmp_path / 'fig8.png').stat().st_size > 5000
 
 
+def test_benchmark_sgd_default_leaves_the_choice_to_torch():
+    """``--sgd default`` passes no implementation option: torch picks as it does for users
+    (the for-loop on the CPU, foreach on CUDA); the other choices force theirs."""
+    import benchmark_train_cost as bench
+    params = [torch.nn.Parameter(torch.randn(3))]
+    chosen = {impl: bench.make_sgd(params, impl).defaults for impl in bench.SGD_IMPLS}
+    assert chosen['default']['foreach'] is None and not chosen['default']['fused']
+    assert chosen['for-loop']['foreach'] is False and chosen['foreach']['foreach'] is True
+    assert chosen['fused']['fused'] is True
+    assert bench.parse_args(['--regimes', 'cifar-r18-b16']).sgd == 'default'
+
+
 def test_benchmark_counters_by_hand():
     """The counters on a model small enough to count by hand: a conv, a ReLU, a linear."""
     import benchmark_train_cost as bench

@@ -2,7 +2,7 @@
 
     python tools/analysis/benchmark_train_cost.py [--archs resnet18 resnet50 ...]
         [--reparams none dbb orepa] [--batch-size 32] [--input-size 224] [--steps 10]
-        [--threads N ...] [--sgd for-loop|foreach|fused] [--components] [--eval]
+        [--threads N ...] [--sgd default|for-loop|foreach|fused] [--components] [--eval]
         [--profile STEPS] [--json OUT]
 
 Each variant runs in its own process, ``--repeats`` times, interleaved with the others; the
@@ -49,8 +49,9 @@ REGIMES = {
     'in-r18-224px': ('ResNet', 18, 32, 224, 1000, 7 * 7),
     'in-r50-224px': ('ResNet', 50, 32, 224, 1000, 7 * 7),
 }
-# --sgd: the keyword arguments of torch.optim.SGD (torch's default on the CPU is the for-loop)
-SGD_IMPLS = {'for-loop': dict(foreach=False), 'foreach': dict(foreach=True),
+# --sgd: the keyword arguments of torch.optim.SGD; 'default' passes none, so torch picks as it
+# does for users (the for-loop on the CPU, foreach on CUDA)
+SGD_IMPLS = {'default': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True),
              'fused': dict(fused=True)}
 # variant label: conv_cfg of the stock backbone
 REGIME_VARIANTS = {'plain': None, 'dbb': dict(type='DBB'), 'orepa': dict(type='OREPA'),
@@ -231,6 +232,13 @@ def _time_eval(model, x, steps: int, timed) -> dict:
                 eval_fused_s=statistics.median(fused_t))
 
 
+def make_sgd(params, impl: str = 'default'):
+    """The step's optimizer: SGD with momentum and weight decay, implementation ``impl`` of
+    :data:`SGD_IMPLS`."""
+    import torch
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, **SGD_IMPLS[impl])
+
+
 def worker(spec: dict) -> dict:
     """Measure one variant (runs in its own process)."""
     import torch
@@ -247,8 +255,7 @@ def worker(spec: dict) -> dict:
     model.eval()
     with torch.no_grad():
         model(x[:1])  # materialise the lazy head
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                          **SGD_IMPLS[spec.get('sgd', 'for-loop')])
+    opt = make_sgd(model.parameters(), spec.get('sgd', 'default'))
     params = sum(p.numel() for p in model.parameters())
     timed = _timer(cuda)
     run = (torch.compile(model, options=spec.get('compile_options') or None)
@@ -427,9 +434,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, nargs='+', default=None,
                         help='torch threads of each process (default: torch\'s default here, '
                         'one per core); several counts: each variant at each')
-    parser.add_argument('--sgd', default='for-loop', choices=list(SGD_IMPLS),
-                        help='the implementation of torch.optim.SGD (default: the for-loop, '
-                        'torch\'s default on the CPU)')
+    parser.add_argument('--sgd', default='default', choices=list(SGD_IMPLS),
+                        help='the implementation of torch.optim.SGD (default: torch\'s choice on '
+                        'the device, the for-loop on the CPU)')
     parser.add_argument('--repeats', type=int, default=2,
                         help='processes per variant (interleaved); the fastest is reported')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda if present)')
