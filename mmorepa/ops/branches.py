@@ -328,6 +328,14 @@ def _dw_pw_backward(gr: SqueezeGrads, leaves, needs, scale, t: Terms):
     return [d_dw, d_pw], ds
 
 
+def _fixed_filter_branch(fixed_filter: Callable, **record) -> Branch:
+    """The record of a 1x1 followed by the fixed per-output-channel filter ``fixed_filter``: its
+    backward reads that filter's product ``H`` and the extension takes it as a ``'fixed'``
+    branch."""
+    return Branch(backward=_fixed_backward(fixed_filter), extension='fixed',
+                  fixed_filter=fixed_filter, **record)
+
+
 def _dw_pw_macs(shapes) -> int:
     """``C_out C_in/g M k^2``: one product per input channel."""
     (_, _, kh, kw), (c_out, c_in_m_g, _, _) = shapes
@@ -341,12 +349,10 @@ KXK = Branch(
     kernel=_kxk_kernel, accumulate=_kxk_accumulate, backward=_kxk_backward,
     extension='full', full_size=lambda k: True)
 
-ONE_BY_ONE = Branch(
-    name='1x1', scale_init=1.0,
+ONE_BY_ONE = _fixed_filter_branch(
+    _centre_filter, name='1x1', scale_init=1.0,
     leaves=(Leaf('weight_1x1', _one_by_one, conv_init_, 'weight_orepa_1x1'), ),
-    kernel=_one_by_one_kernel, accumulate=_one_by_one_accumulate,
-    backward=_fixed_backward(_centre_filter), extension='fixed', fixed_filter=_centre_filter,
-    full_size=lambda k: k == 1)
+    kernel=_one_by_one_kernel, accumulate=_one_by_one_accumulate, full_size=lambda k: k == 1)
 
 ONE_BY_ONE_KXK = Branch(
     name='1x1_kxk', scale_init=0.5,
@@ -358,17 +364,15 @@ ONE_BY_ONE_KXK = Branch(
     macs=_pair_macs, conv_pair=True,
     buffers=(('identity', lambda g: identity_kernel(g.in_channels, g.groups)), ))
 
-ONE_BY_ONE_AVG = Branch(
-    name='1x1_avg', scale_init=0.5,
+ONE_BY_ONE_AVG = _fixed_filter_branch(
+    _avg_filter, name='1x1_avg', scale_init=0.5,
     leaves=(Leaf('weight_1x1_avg', _one_by_one, conv_init_, 'weight_orepa_avg_conv'), ),
-    kernel=_avg_kernel, accumulate=_avg_accumulate, backward=_fixed_backward(_avg_filter),
-    extension='fixed', fixed_filter=_avg_filter)
+    kernel=_avg_kernel, accumulate=_avg_accumulate)
 
-ONE_BY_ONE_FREQ = Branch(
-    name='1x1_freq', scale_init=0.0,
+ONE_BY_ONE_FREQ = _fixed_filter_branch(
+    _freq_filter, name='1x1_freq', scale_init=0.0,
     leaves=(Leaf('weight_1x1_freq', _one_by_one, conv_init_, 'weight_orepa_pfir_conv'), ),
-    kernel=_freq_kernel, accumulate=_freq_accumulate, backward=_fixed_backward(_freq_filter),
-    extension='fixed', fixed_filter=_freq_filter,
+    kernel=_freq_kernel, accumulate=_freq_accumulate,
     buffers=(('freq_prior', lambda g: frequency_prior(g.out_channels, g.kernel_size)), ))
 
 DW_PW = Branch(
