@@ -33,7 +33,8 @@ def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
     assert orepa['time_ratio'] == pytest.approx(orepa['step_s'] / plain['step_s'])
     assert orepa['params'] > plain['params']  # the training-time branches
     assert all(r['peak_mb'] > 0 and r['eval_fused_s'] > 0 for r in rows)
-    assert '| resnet18 | orepa |' in proc.stdout and 'x plain' in proc.stdout
+    assert '| resnet18 | orepa | 1 | default |' in proc.stdout and 'x plain' in proc.stdout
+    assert all(r['malloc'] == 'default' and r['faulted_mib'] >= 0 for r in rows)
     for r in rows:  # two processes per variant; the fastest is reported
         assert len(r['step_s_all']) == 2 and r['step_s'] == min(r['step_s_all'])
     # the machine-independent counters, with ratios, lead the output
@@ -55,6 +56,25 @@ def test_benchmark_sgd_default_leaves_the_choice_to_torch():
     assert chosen['for-loop']['foreach'] is False and chosen['foreach']['foreach'] is True
     assert chosen['fused']['fused'] is True
     assert bench.parse_args(['--regimes', 'cifar-r18-b16']).sgd == 'default'
+
+
+def test_benchmark_malloc_keep_sets_glibcs_tunables_for_its_processes(monkeypatch):
+    """``--malloc keep`` runs a variant's process with glibc's trim and mmap thresholds out of
+    reach (freed memory stays in the process); ``default`` leaves the environment as it is."""
+    import benchmark_train_cost as bench
+    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    envs = []
+
+    def fake_run(cmd, env, **kwargs):
+        envs.append(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{}\n', stderr='')
+    monkeypatch.setattr(bench.subprocess, 'run', fake_run)
+    for malloc in ('default', 'keep'):
+        bench.run_variant(dict(arch='a', reparam='orepa', threads=1, malloc=malloc))
+    assert 'GLIBC_TUNABLES' not in envs[0]
+    assert envs[1]['GLIBC_TUNABLES'] == ('glibc.malloc.trim_threshold=1099511627776:'
+                                         'glibc.malloc.mmap_threshold=4294967296')
+    assert bench.parse_args(['--regimes', 'cifar-r18-b16']).malloc == ['default']
 
 
 def test_benchmark_counters_by_hand():
@@ -242,8 +262,9 @@ def test_benchmark_profile_puts_each_component_in_its_group(monkeypatch, capsys)
                   'feature-route convs'):
         assert plain['groups'][group] == 0, group
     assert plain['groups']['model convs'] > 0 and plain['groups']['optimizer'] > 0
-    rows = [dict(arch='a', label='orepa', threads=n, profile=orepa) for n in (1, 2)]
+    rows = [dict(arch='a', label='orepa', threads=n, malloc='default', profile=orepa)
+            for n in (1, 2)]
     bench.print_components(rows, 2)
     out = capsys.readouterr().out
-    assert '| group | arch | re-param | 1 thr | 2 thr | speed-up 1 -> 2 thr |' in out
-    assert '| squeeze backward | a | orepa |' in out and '1.00x |' in out
+    assert '| group | arch | re-param | malloc | 1 thr | 2 thr | speed-up 1 -> 2 thr |' in out
+    assert '| squeeze backward | a | orepa | default |' in out and '1.00x |' in out

@@ -11,7 +11,10 @@ on a shared machine (all per-process medians are kept in the JSON); on the CPU i
 CPU time of the process per step (median; the least over the processes), which other work on the
 machine changes far less than the wall time (with ``--threads 1`` it is the step's own work).
 ``--threads`` (default: torch's default thread count on this machine, one per core) may list
-several counts; each variant then runs at each, interleaved.
+several counts; each variant then runs at each, interleaved. ``--malloc`` likewise: ``default``
+(the process's allocator as it comes) and ``keep`` (glibc keeps freed memory in the process, see
+:data:`MALLOC_KEEP`); on the CPU the table gives the memory first touched per step (minor page
+faults: pages the allocator took back from the system).
 A step is a full training step (forward, cross-entropy, backward, SGD with momentum); the table
 gives the median step time and the peak memory, and their ratios to the plain model of the same
 architecture. On a GPU: CUDA events and
@@ -53,6 +56,11 @@ REGIMES = {
 # does for users (the for-loop on the CPU, foreach on CUDA)
 SGD_IMPLS = {'default': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True),
              'fused': dict(fused=True)}
+# --malloc keep: glibc's malloc neither returns freed memory to the system (trim) nor maps large
+# blocks on their own (mmap), so a step reuses its pages instead of faulting them in again
+MALLOC_KEEP = {'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1099511627776:'
+                                 'glibc.malloc.mmap_threshold=4294967296'}
+MALLOC_SETTINGS = ('default', 'keep')
 # variant label: conv_cfg of the stock backbone
 REGIME_VARIANTS = {'plain': None, 'dbb': dict(type='DBB'), 'orepa': dict(type='OREPA'),
                    'orepa-kernel': dict(type='OREPA', route='kernel')}
@@ -172,6 +180,11 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _faulted_mib() -> float:
+    """The memory this process has first touched so far (minor page faults), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize() / 2 ** 20
+
+
 def _build(spec: dict, device):
     """The model of ``spec`` on ``device`` and its number of classes; a regime also fixes
     ``spec``'s batch size and input size."""
@@ -270,14 +283,16 @@ def worker(spec: dict) -> dict:
     timed(step, spec['warmup'])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    cpu_times = []
+    cpu_times, faulted = [], _faulted_mib()
     times = timed(step, spec['steps'], cpu_times)
+    faulted = (_faulted_mib() - faulted) / max(spec['steps'], 1)
     if cuda:
         torch.cuda.synchronize()
     out = dict(spec, params=params, step_times=times,
                step_s=statistics.median(times) if times else float('nan'))
     if cpu_times:  # CPU time of the process: what the step costs, whatever else runs
         out['cpu_step_s'] = statistics.median(cpu_times)
+        out['faulted_mib'] = faulted
     if cuda:
         out['peak_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
@@ -391,7 +406,8 @@ def _routes(model, x) -> dict:
 
 def run_variant(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']),
-               MKL_NUM_THREADS=str(spec['threads']))
+               MKL_NUM_THREADS=str(spec['threads']),
+               **(MALLOC_KEEP if spec.get('malloc') == 'keep' else {}))
     proc = subprocess.run([sys.executable, __file__, '--worker', json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -434,6 +450,10 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, nargs='+', default=None,
                         help='torch threads of each process (default: torch\'s default here, '
                         'one per core); several counts: each variant at each')
+    parser.add_argument('--malloc', nargs='+', default=['default'], choices=MALLOC_SETTINGS,
+                        help='the allocator of each process: default, or keep (glibc keeps '
+                        'freed memory: no page faults on reuse); several: each variant under '
+                        'each')
     parser.add_argument('--sgd', default='default', choices=list(SGD_IMPLS),
                         help='the implementation of torch.optim.SGD (default: torch\'s choice on '
                         'the device, the for-loop on the CPU)')
@@ -471,14 +491,15 @@ def measure(args, common: dict) -> list:
     """Run every variant ``args.repeats`` times, interleaved, each in its own process; per
     variant the fastest process, with every process's step time and the least peak memory and
     CPU time."""
-    todo = [dict(v, threads=n) for n in args.threads for v in variants(args)]
+    todo = [dict(v, threads=n, malloc=m) for m in args.malloc for n in args.threads
+            for v in variants(args)]
     runs = [[] for _ in todo]
     for rep in range(args.repeats):
         for i, v in enumerate(todo):
             r = run_variant(dict(common, **v))
             runs[i].append(r)
             print(f'  [{rep + 1}/{args.repeats}] {r["arch"]:<10} {r["label"]:<28} '
-                  f'{r["threads"]} thr, '
+                  f'{r["threads"]} thr, malloc {r["malloc"]}, '
                   f'{r["step_s"]:.3f} s/step, {r["flops"] / 1e9:.1f} GFLOP, '
                   f'{r["saved_bytes"] / 2 ** 20:.0f} MiB saved', file=sys.stderr, flush=True)
     results = []
@@ -488,6 +509,7 @@ def measure(args, common: dict) -> list:
         best['peak_mb'] = min(r['peak_mb'] for r in measured)
         if all('cpu_step_s' in r for r in measured):
             best['cpu_step_s'] = min(r['cpu_step_s'] for r in measured)
+            best['faulted_mib'] = min(r['faulted_mib'] for r in measured)
         if args.eval:
             best['eval_unfused_s'] = min(r['eval_unfused_s'] for r in measured)
             best['eval_fused_s'] = min(r['eval_fused_s'] for r in measured)
@@ -497,9 +519,10 @@ def measure(args, common: dict) -> list:
 
 def add_ratios(results: list) -> None:
     """Each result's time, CPU time, memory, FLOPs and saved bytes over its plain model's."""
-    plain = {(r['arch'], r['threads']): r for r in results if r['reparam'] in ('none', 'plain')}
+    plain = {(r['arch'], r['threads'], r['malloc']): r for r in results
+             if r['reparam'] in ('none', 'plain')}
     for r in results:
-        p = plain.get((r['arch'], r['threads']))
+        p = plain.get((r['arch'], r['threads'], r['malloc']))
         r['time_ratio'] = r['step_s'] / p['step_s'] if p else None
         r['cpu_time_ratio'] = (r['cpu_step_s'] / p['cpu_step_s']
                                if p and 'cpu_step_s' in r and 'cpu_step_s' in p else None)
@@ -539,22 +562,23 @@ def print_timings(results: list, args, device: str, compile_options: dict) -> No
     print(f'\ndevice: {device} ({threads} threads), {shape}, '
           f'{compiled}median of {args.steps} steps after '
           f'{args.warmup}, fastest of {args.repeats} processes per variant')
-    head = (f'| arch | re-param | threads | s/step | x plain | all processes s/step | {mem} '
-            '| x plain |')
+    head = (f'| arch | re-param | threads | malloc | s/step | x plain | all processes s/step '
+            f'| {mem} | x plain |')
     cpu = any(r.get('cpu_step_s') for r in results)
     if cpu:
-        head += ' CPU s/step | x plain |'
+        head += ' CPU s/step | x plain | page-faulted MiB/step |'
     if args.eval:
         head += ' eval un-fused s | eval fused s | un-fused / fused |'
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     for r in results:
         every = ' '.join(f'{t:.3f}' for t in r['step_s_all'])
-        line = (f'| {r["arch"]} | {r["label"]} | {r["threads"]} | {r["step_s"]:.3f} | '
-                f'{_ratio(r["time_ratio"])} | {every} | {r["peak_mb"]:.0f} | '
-                f'{_ratio(r["mem_ratio"])} |')
+        line = (f'| {r["arch"]} | {r["label"]} | {r["threads"]} | {r["malloc"]} | '
+                f'{r["step_s"]:.3f} | {_ratio(r["time_ratio"])} | {every} | '
+                f'{r["peak_mb"]:.0f} | {_ratio(r["mem_ratio"])} |')
         if cpu:
-            line += f' {r["cpu_step_s"]:.3f} | {_ratio(r["cpu_time_ratio"])} |'
+            line += (f' {r["cpu_step_s"]:.3f} | {_ratio(r["cpu_time_ratio"])} | '
+                     f'{r["faulted_mib"]:.0f} |')
         if args.eval:
             line += (f' {r["eval_unfused_s"]:.4f} | {r["eval_fused_s"]:.4f} | '
                      f'{r["eval_unfused_s"] / r["eval_fused_s"]:.2f}x |')
@@ -568,24 +592,26 @@ def print_components(results: list, steps: int) -> None:
     counts = sorted({r['threads'] for r in results})
     print(f'\ncomponents: ms per training step over {steps} profiled steps (torch.profiler; '
           'self time of the operators of each group)')
-    head = '| group | arch | re-param | ' + ' | '.join(f'{n} thr' for n in counts)
+    head = '| group | arch | re-param | malloc | ' + ' | '.join(f'{n} thr' for n in counts)
     if len(counts) > 1:
         head += f' | speed-up {counts[0]} -> {counts[-1]} thr'
     print(head + ' |')
     print('|' + '---|' * head.count('|'))
-    keys = list(dict.fromkeys((r['arch'], r['label']) for r in results))
-    for arch, label in keys:
+    keys = list(dict.fromkeys((r['arch'], r['label'], r['malloc']) for r in results))
+    for arch, label, malloc in keys:
         by_threads = {r['threads']: r['profile'] for r in results
-                      if (r['arch'], r['label']) == (arch, label)}
+                      if (r['arch'], r['label'], r['malloc']) == (arch, label, malloc)}
         for group in GROUPS + ('step (profiled wall)',):
             ms = [1e3 * (p['wall_s'] if group.startswith('step') else p['groups'][group])
                   for p in (by_threads.get(n) for n in counts) if p]
-            line = f'| {group} | {arch} | {label} | ' + ' | '.join(f'{t:.1f}' for t in ms)
+            line = f'| {group} | {arch} | {label} | {malloc} | ' + ' | '.join(
+                f'{t:.1f}' for t in ms)
             if len(counts) > 1 and len(ms) == len(counts):
                 line += f' | {ms[0] / ms[-1]:.2f}x' if ms[-1] > 0 else ' | -'
             print(line + ' |')
     for r in results:
-        print(f'\ntop operators: {r["arch"]} {r["label"]}, {r["threads"]} threads\n'
+        print(f'\ntop operators: {r["arch"]} {r["label"]}, {r["threads"]} threads, malloc '
+              f'{r["malloc"]}\n'
               f'{r["profile"]["top"]}')
 
 
