@@ -34,7 +34,8 @@ def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
     assert orepa['params'] > plain['params']  # the training-time branches
     assert all(r['peak_mb'] > 0 and r['eval_fused_s'] > 0 for r in rows)
     assert '| resnet18 | orepa | 1 | default |' in proc.stdout and 'x plain' in proc.stdout
-    assert all(r['malloc'] == 'default' and r['faulted_mib'] >= 0 for r in rows)
+    assert all(r['malloc'] == 'default' and 'faulted_mib' in r for r in rows)
+    assert '| CPU s/step | x plain | page-faulted MiB/step |' in proc.stdout
     for r in rows:  # two processes per variant; the fastest is reported
         assert len(r['step_s_all']) == 2 and r['step_s'] == min(r['step_s_all'])
     # the machine-independent counters, with ratios, lead the output
@@ -62,7 +63,7 @@ def test_benchmark_malloc_keep_sets_glibcs_tunables_for_its_processes(monkeypatc
     """``--malloc keep`` runs a variant's process with glibc's trim and mmap thresholds out of
     reach (freed memory stays in the process); ``default`` leaves the environment as it is."""
     import benchmark_train_cost as bench
-    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2')
     envs = []
 
     def fake_run(cmd, env, **kwargs):
@@ -71,10 +72,21 @@ def test_benchmark_malloc_keep_sets_glibcs_tunables_for_its_processes(monkeypatc
     monkeypatch.setattr(bench.subprocess, 'run', fake_run)
     for malloc in ('default', 'keep'):
         bench.run_variant(dict(arch='a', reparam='orepa', threads=1, malloc=malloc))
-    assert 'GLIBC_TUNABLES' not in envs[0]
-    assert envs[1]['GLIBC_TUNABLES'] == ('glibc.malloc.trim_threshold=1099511627776:'
+    assert envs[0]['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
+    assert envs[1]['GLIBC_TUNABLES'] == ('glibc.malloc.arena_max=2:'
+                                         'glibc.malloc.trim_threshold=1099511627776:'
                                          'glibc.malloc.mmap_threshold=4294967296')
     assert bench.parse_args(['--regimes', 'cifar-r18-b16']).malloc == ['default']
+
+
+def test_benchmark_ratios_pair_each_variant_with_plain_under_its_own_malloc():
+    import benchmark_train_cost as bench
+    runs = (('plain', 'default', 2.0), ('orepa', 'default', 3.0), ('plain', 'keep', 1.0),
+            ('orepa', 'keep', 1.5))
+    rows = [dict(arch='a', reparam=r, threads=2, malloc=m, step_s=t, peak_mb=t, flops=1,
+                 saved_bytes=1) for r, m, t in runs]
+    bench.add_ratios(rows)
+    assert [r['time_ratio'] for r in rows] == [1.0, 1.5, 1.0, 1.5]
 
 
 def test_benchmark_counters_by_hand():

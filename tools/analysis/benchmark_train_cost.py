@@ -2,7 +2,8 @@
 
     python tools/analysis/benchmark_train_cost.py [--archs resnet18 resnet50 ...]
         [--reparams none dbb orepa] [--batch-size 32] [--input-size 224] [--steps 10]
-        [--threads N ...] [--sgd default|for-loop|foreach|fused] [--components] [--eval]
+        [--threads N ...] [--malloc default keep] [--sgd default|for-loop|foreach|fused]
+        [--components] [--eval]
         [--profile STEPS] [--json OUT]
 
 Each variant runs in its own process, ``--repeats`` times, interleaved with the others; the
@@ -14,7 +15,7 @@ machine changes far less than the wall time (with ``--threads 1`` it is the step
 several counts; each variant then runs at each, interleaved. ``--malloc`` likewise: ``default``
 (the process's allocator as it comes) and ``keep`` (glibc keeps freed memory in the process, see
 :data:`MALLOC_KEEP`); on the CPU the table gives the memory first touched per step (minor page
-faults: pages the allocator took back from the system).
+faults: pages the allocator had returned to the system).
 A step is a full training step (forward, cross-entropy, backward, SGD with momentum); the table
 gives the median step time and the peak memory, and their ratios to the plain model of the same
 architecture. On a GPU: CUDA events and
@@ -57,7 +58,8 @@ REGIMES = {
 SGD_IMPLS = {'default': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True),
              'fused': dict(fused=True)}
 # --malloc keep: glibc's malloc neither returns freed memory to the system (trim) nor maps large
-# blocks on their own (mmap), so a step reuses its pages instead of faulting them in again
+# blocks on their own (mmap), so a step reuses its pages instead of faulting them in again. A glibc
+# that caps the mmap threshold at 32 MiB refuses this one: the faulted column then stays high.
 MALLOC_KEEP = {'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1099511627776:'
                                  'glibc.malloc.mmap_threshold=4294967296'}
 MALLOC_SETTINGS = ('default', 'keep')
@@ -406,8 +408,10 @@ def _routes(model, x) -> dict:
 
 def run_variant(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']),
-               MKL_NUM_THREADS=str(spec['threads']),
-               **(MALLOC_KEEP if spec.get('malloc') == 'keep' else {}))
+               MKL_NUM_THREADS=str(spec['threads']))
+    if spec.get('malloc') == 'keep':  # after the user's own tunables, which it overrides
+        env['GLIBC_TUNABLES'] = ':'.join(
+            t for t in (env.get('GLIBC_TUNABLES'), MALLOC_KEEP['GLIBC_TUNABLES']) if t)
     proc = subprocess.run([sys.executable, __file__, '--worker', json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
