@@ -13,9 +13,9 @@ CPU time of the process per step (median; the least over the processes), which o
 machine changes far less than the wall time (with ``--threads 1`` it is the step's own work).
 ``--threads`` (default: torch's default thread count on this machine, one per core) may list
 several counts; each variant then runs at each, interleaved. ``--malloc`` likewise: ``default``
-(the process's allocator as it comes) and ``keep`` (glibc keeps freed memory in the process, see
-:data:`MALLOC_KEEP`); on the CPU the table gives the memory first touched per step (minor page
-faults: pages the allocator had returned to the system).
+(the process's allocator as it comes) and ``keep`` (glibc keeps freed memory in the process: its
+``GLIBC_TUNABLES`` get :data:`MALLOC_KEEP`); on the CPU the table gives the memory first
+touched per step (minor page faults: pages the allocator had returned to the system).
 A step is a full training step (forward, cross-entropy, backward, SGD with momentum); the table
 gives the median step time and the peak memory, and their ratios to the plain model of the same
 architecture. On a GPU: CUDA events and
@@ -60,8 +60,7 @@ SGD_IMPLS = {'default': {}, 'for-loop': dict(foreach=False), 'foreach': dict(for
 # --malloc keep: glibc's malloc neither returns freed memory to the system (trim) nor maps large
 # blocks on their own (mmap), so a step reuses its pages instead of faulting them in again. A glibc
 # that caps the mmap threshold at 32 MiB refuses this one: the faulted column then stays high.
-MALLOC_KEEP = {'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1099511627776:'
-                                 'glibc.malloc.mmap_threshold=4294967296'}
+MALLOC_KEEP = 'glibc.malloc.trim_threshold=1099511627776:glibc.malloc.mmap_threshold=4294967296'
 MALLOC_SETTINGS = ('default', 'keep')
 # variant label: conv_cfg of the stock backbone
 REGIME_VARIANTS = {'plain': None, 'dbb': dict(type='DBB'), 'orepa': dict(type='OREPA'),
@@ -411,7 +410,7 @@ def run_variant(spec: dict) -> dict:
                MKL_NUM_THREADS=str(spec['threads']))
     if spec.get('malloc') == 'keep':  # after the user's own tunables, which it overrides
         env['GLIBC_TUNABLES'] = ':'.join(
-            t for t in (env.get('GLIBC_TUNABLES'), MALLOC_KEEP['GLIBC_TUNABLES']) if t)
+            t for t in (env.get('GLIBC_TUNABLES'), MALLOC_KEEP) if t)
     proc = subprocess.run([sys.executable, __file__, '--worker', json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
