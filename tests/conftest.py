@@ -1,9 +1,34 @@
 """Fixtures shared by the tests: the tools run in this process, generated data, and classifiers
 with random weights and their checkpoints. Shared functions are in ``helpers.py``."""
+import os
+
 import pytest
 import torch
 
 from helpers import CLS_CFG, load_tool, randomize_network_
+
+# The files whose tests take longest (tool processes), collected first: pytest.ini hands whole
+# files to two workers in collection order, so these start at once and the short files fill the
+# other worker around them.
+LONGEST_FILES = ('test_tools.py', 'test_tool_errors.py', 'test_analysis.py')
+
+
+def pytest_configure(config):
+    """In a worker of pytest-xdist, torch and the tool processes it starts take their share of
+    the machine's cores (threads beyond it would wait on each other)."""
+    workers = os.environ.get('PYTEST_XDIST_WORKER_COUNT')
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+            os.environ[name] = threads
+        torch.set_num_threads(int(threads))
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+    items.sort(key=rank)  # stable: each file keeps its own order
 
 
 @pytest.fixture
