@@ -280,3 +280,28 @@ def test_benchmark_profile_puts_each_component_in_its_group(monkeypatch, capsys)
     out = capsys.readouterr().out
     assert '| group | arch | re-param | malloc | 1 thr | 2 thr | speed-up 1 -> 2 thr |' in out
     assert '| squeeze backward | a | orepa | default |' in out and '1.00x |' in out
+
+
+def test_benchmark_fault_profile_names_the_phase_and_operator_that_faults(capsys):
+    """--profile's page faults: 64 MiB of freshly mapped memory (base pages) count where an
+    operator first writes them, in its phase, every step; a phase that writes memory it already
+    holds counts none."""
+    import mmap
+    import benchmark_train_cost as bench
+    kept = torch.zeros(2 ** 22)
+
+    def fresh():
+        block = mmap.mmap(-1, 2 ** 26)
+        block.madvise(mmap.MADV_NOHUGEPAGE)
+        torch.frombuffer(block, dtype=torch.float32).fill_(1.0)
+
+    def reuse():
+        kept.fill_(2.0)
+    faults = bench.fault_profile((('fresh', fresh), ('reuse', reuse)), 2)
+    fill = faults['by_op']['fresh: aten::fill_.Scalar']
+    assert 63 <= fill <= 65 and fill <= faults['total'], faults
+    assert not [k for k in faults['by_op'] if k.startswith('reuse')], faults
+    bench.print_faults(dict(arch='a', label='orepa', threads=2, malloc='default',
+                            profile=dict(faults=faults)), 2)
+    out = capsys.readouterr().out
+    assert '| fresh: aten::fill_.Scalar | 6' in out

@@ -275,10 +275,18 @@ def worker(spec: dict) -> dict:
     run = (torch.compile(model, options=spec.get('compile_options') or None)
            if spec.get('compile') else model)
 
-    def step():
+    loss = []
+
+    def forward():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(run(x), y).backward()
-        opt.step()
+        loss.append(F.cross_entropy(run(x), y))
+
+    phases = (('forward', forward), ('backward', lambda: loss.pop().backward()),
+              ('optimizer', opt.step))
+
+    def step():
+        for _, phase in phases:
+            phase()
 
     model.train()
     timed(step, spec['warmup'])
@@ -302,6 +310,8 @@ def worker(spec: dict) -> dict:
     if spec.get('profile'):
         mark_feature_route()
         out['profile'] = profile_components(step, spec['profile'])
+        if not cuda and not spec.get('compile'):
+            out['profile']['faults'] = fault_profile(phases, spec['profile'])
     out.update(count_step(model, x, y))  # after the timed steps (eager): no effect on them
     out['routes'] = _routes(model, x)
     if spec.get('eval'):
@@ -388,6 +398,40 @@ def profile_components(step, n: int) -> dict:
         sort_by='self_cpu_time_total', row_limit=15))
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def fault_profile(phases, n: int) -> dict:
+    """MiB per training step that the process first touches (minor page faults: memory the
+    allocator had returned to the system) in each phase of the step and each operator, over
+    ``n`` steps; ``phases``: ``(name, function)`` pairs that make one step. A dispatch mode reads
+    the process's fault count around every operator (one of mmorepa's own, the squeeze and its
+    backward, counts as one). ``'total'``: the whole step, outside operators included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    faults = {}
+
+    class CountFaults(TorchDispatchMode):
+        phase = None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = _minor_faults()
+            result = func(*args, **(kwargs or {}))
+            key = f'{self.phase}: {func.name()}'
+            faults[key] = faults.get(key, 0) + _minor_faults() - before
+            return result
+
+    mib = resource.getpagesize() / 2 ** 20 / n
+    mode, start = CountFaults(), _minor_faults()
+    with mode:
+        for _ in range(n):
+            for name, phase in phases:
+                mode.phase = name
+                phase()
+    by_op = sorted(((k, f * mib) for k, f in faults.items() if f), key=lambda kv: -kv[1])
+    return dict(total=(_minor_faults() - start) * mib, by_op=dict(by_op))
+
+
 def _routes(model, x) -> dict:
     """How many OREPA layers take each route for the pair in a training step on ``x``."""
     from mmorepa.layers import OREPAConv1x1, OREPAConv2d
@@ -470,8 +514,9 @@ def parse_args(argv=None):
     parser.add_argument('--variants', nargs='+', choices=list(REGIME_VARIANTS),
                         help='with --regimes: the variants (default: all)')
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
-                        help='print torch.profiler\'s top operators over this many steps '
-                        '(after the timed ones)')
+                        help='over this many steps after the timed ones: ms per step of each '
+                        'operator group (torch.profiler) and, eager on the CPU, the memory '
+                        'faulted in per step by phase and operator')
     parser.add_argument('--compile', action='store_true',
                         help='train through torch.compile (default backend)')
     parser.add_argument('--compile-options', nargs='+', default=[], metavar='KEY=VALUE',
@@ -616,6 +661,19 @@ def print_components(results: list, steps: int) -> None:
         print(f'\ntop operators: {r["arch"]} {r["label"]}, {r["threads"]} threads, malloc '
               f'{r["malloc"]}\n'
               f'{r["profile"]["top"]}')
+        if 'faults' in r['profile']:
+            print_faults(r, steps)
+
+
+def print_faults(result: dict, steps: int, rows: int = 8) -> None:
+    """The operators of :func:`fault_profile` that fault in the most memory, per step."""
+    faults = result['profile']['faults']
+    print(f'\npage-faulted MiB per step by phase and operator: {result["arch"]} '
+          f'{result["label"]}, {result["threads"]} threads, malloc {result["malloc"]} '
+          f'({steps} steps; {faults["total"]:.1f} MiB in all)')
+    print('| phase: operator | MiB/step |\n|---|---|')
+    for key, mib in list(faults['by_op'].items())[:rows]:
+        print(f'| {key} | {mib:.1f} |')
 
 
 def main(argv=None):
