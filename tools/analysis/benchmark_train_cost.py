@@ -407,7 +407,8 @@ def fault_profile(phases, n: int) -> dict:
     allocator had returned to the system) in each phase of the step and each operator, over
     ``n`` steps; ``phases``: ``(name, function)`` pairs that make one step. A dispatch mode reads
     the process's fault count around every operator (one of mmorepa's own, the squeeze and its
-    backward, counts as one). ``'total'``: the whole step, outside operators included."""
+    backward, counts as one), those of 0.05 MiB or more, the most first. ``'total'``: the whole
+    step, outside operators included."""
     from torch.utils._python_dispatch import TorchDispatchMode
     faults = {}
 
@@ -428,7 +429,8 @@ def fault_profile(phases, n: int) -> dict:
             for name, phase in phases:
                 mode.phase = name
                 phase()
-    by_op = sorted(((k, f * mib) for k, f in faults.items() if f), key=lambda kv: -kv[1])
+    by_op = sorted(((k, f * mib) for k, f in faults.items() if f * mib >= 0.05),
+                   key=lambda kv: -kv[1])
     return dict(total=(_minor_faults() - start) * mib, by_op=dict(by_op))
 
 
