@@ -8,17 +8,19 @@ import torch
 from helpers import CLS_CFG, load_tool, randomize_network_
 
 # The files whose tests take longest (tool processes), collected first: pytest.ini hands whole
-# files to two workers in collection order, so these start at once and the short files fill the
-# other worker around them.
+# files to two workers in collection order, so these start first and the short files fill the
+# workers around them.
 LONGEST_FILES = ('test_tools.py', 'test_tool_errors.py', 'test_analysis.py')
 
 
 def pytest_configure(config):
     """In a worker of pytest-xdist, torch and the tool processes it starts take their share of
-    the machine's cores (threads beyond it would wait on each other)."""
+    the cores this process may run on (threads beyond it would wait on each other)."""
     workers = os.environ.get('PYTEST_XDIST_WORKER_COUNT')
     if workers:
-        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (
+            os.cpu_count() or 1)
+        threads = str(max(1, cores // int(workers)))
         for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
             os.environ[name] = threads
         torch.set_num_threads(int(threads))

@@ -22,8 +22,8 @@ def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark_train_cost.py', '--archs', 'resnet18',
          '--reparams', 'none', 'orepa', '--batch-size', '2', '--input-size', '32', '--steps',
-         '2', '--warmup', '1', '--threads', '1', '--repeats', '2', '--eval', '--json', str(out),
-         '--plot', str(tmp_path / 'fig8.png')],
+         '2', '--warmup', '1', '--threads', '1', '--repeats', '2', '--eval', '--profile', '1',
+         '--json', str(out), '--plot', str(tmp_path / 'fig8.png')],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -45,6 +45,13 @@ def test_benchmark_tool_runs_each_variant_in_its_own_process(tmp_path):
     assert orepa['param_state_bytes'] == 3 * 4 * orepa['params']
     assert proc.stdout.index('GFLOP') < proc.stdout.index('s/step')
     assert (tmp_path / 'fig8.png').stat().st_size > 5000
+    # --profile: the operator groups and, eager on the CPU, the faults by phase of the step
+    for r in rows:
+        faults = r['profile']['faults']
+        assert faults['total'] >= 0 and all(
+            k.split(':')[0] in ('forward', 'backward', 'optimizer') for k in faults['by_op'])
+        assert (f'page-faulted MiB per step by phase and operator: resnet18 {r["label"]}'
+                in proc.stdout)
 
 
 def test_benchmark_sgd_default_leaves_the_choice_to_torch():
@@ -282,24 +289,35 @@ def test_benchmark_profile_puts_each_component_in_its_group(monkeypatch, capsys)
     assert '| squeeze backward | a | orepa | default |' in out and '1.00x |' in out
 
 
-def test_benchmark_fault_profile_names_the_phase_and_operator_that_faults(capsys):
-    """--profile's page faults: 64 MiB of freshly mapped memory (base pages) count where an
-    operator first writes them, in its phase, every step; a phase that writes memory it already
-    holds counts none."""
+def _fresh_block(mib: int) -> torch.Tensor:
+    """``mib`` MiB of freshly mapped memory in base pages, as a float32 tensor."""
     import mmap
+    block = mmap.mmap(-1, mib * 2 ** 20)
+    try:
+        block.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):  # a kernel without transparent huge pages
+        pass
+    return torch.frombuffer(block, dtype=torch.float32)
+
+
+def test_benchmark_fault_profile_names_the_phase_and_operator_that_faults(capsys):
+    """--profile's page faults: freshly mapped memory counts where an operator first writes it,
+    in its phase, every step, the most first; a phase that writes memory it already holds counts
+    none."""
     import benchmark_train_cost as bench
     kept = torch.zeros(2 ** 22)
 
     def fresh():
-        block = mmap.mmap(-1, 2 ** 26)
-        block.madvise(mmap.MADV_NOHUGEPAGE)
-        torch.frombuffer(block, dtype=torch.float32).fill_(1.0)
+        _fresh_block(64).fill_(1.0)
+        _fresh_block(16).add_(1.0)
 
     def reuse():
         kept.fill_(2.0)
-    faults = bench.fault_profile((('fresh', fresh), ('reuse', reuse)), 2)
-    fill = faults['by_op']['fresh: aten::fill_.Scalar']
-    assert 63 <= fill <= 65 and fill <= faults['total'], faults
+    faults = bench.fault_profile((('reuse', reuse), ('fresh', fresh)), 2)
+    fill, add = faults['by_op']['fresh: aten::fill_.Scalar'], faults['by_op'][
+        'fresh: aten::add_.Tensor']
+    assert 63 <= fill <= 65 and 15 <= add <= 17 and fill + add <= faults['total'], faults
+    assert list(faults['by_op'])[:2] == ['fresh: aten::fill_.Scalar', 'fresh: aten::add_.Tensor']
     assert not [k for k in faults['by_op'] if k.startswith('reuse')], faults
     bench.print_faults(dict(arch='a', label='orepa', threads=2, malloc='default',
                             profile=dict(faults=faults)), 2)

@@ -181,9 +181,13 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _faulted_mib() -> float:
     """The memory this process has first touched so far (minor page faults), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize() / 2 ** 20
+    return _minor_faults() * resource.getpagesize() / 2 ** 20
 
 
 def _build(spec: dict, device):
@@ -398,14 +402,11 @@ def profile_components(step, n: int) -> dict:
         sort_by='self_cpu_time_total', row_limit=15))
 
 
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def fault_profile(phases, n: int) -> dict:
     """MiB per training step that the process first touches (minor page faults: memory the
     allocator had returned to the system) in each phase of the step and each operator, over
-    ``n`` steps; ``phases``: ``(name, function)`` pairs that make one step. A dispatch mode reads
+    ``n`` steps; ``phases``: ``(name, function)`` pairs that make one step (the benchmark's
+    ``forward`` phase starts with ``zero_grad``, which frees the gradients). A dispatch mode reads
     the process's fault count around every operator (one of mmorepa's own, the squeeze and its
     backward, counts as one), those of 0.05 MiB or more, the most first. ``'total'``: the whole
     step, outside operators included."""
@@ -416,9 +417,9 @@ def fault_profile(phases, n: int) -> dict:
         phase = None
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            key = f'{self.phase}: {func.name()}'
             before = _minor_faults()
             result = func(*args, **(kwargs or {}))
-            key = f'{self.phase}: {func.name()}'
             faults[key] = faults.get(key, 0) + _minor_faults() - before
             return result
 
@@ -672,7 +673,7 @@ def print_faults(result: dict, steps: int, rows: int = 8) -> None:
     faults = result['profile']['faults']
     print(f'\npage-faulted MiB per step by phase and operator: {result["arch"]} '
           f'{result["label"]}, {result["threads"]} threads, malloc {result["malloc"]} '
-          f'({steps} steps; {faults["total"]:.1f} MiB in all)')
+          f'({steps} steps; {faults["total"]:.1f} MiB/step in all)')
     print('| phase: operator | MiB/step |\n|---|---|')
     for key, mib in list(faults['by_op'].items())[:rows]:
         print(f'| {key} | {mib:.1f} |')

@@ -348,8 +348,10 @@ def _stock_features(stock: nn.Module, x: torch.Tensor, dtype) -> torch.Tensor:
     graph such as Vig's with the thread count), else in its own dtype."""
     with torch.no_grad():
         if dtype == torch.float64:
-            stock.double()
-            return _outputs(stock, x.double())
+            try:
+                return _outputs(copy.deepcopy(stock).double(), x.double())
+            except RuntimeError:  # float32 tensors of its own: compare in float32
+                pass
         return _outputs(stock, x).double()
 
 
@@ -419,7 +421,7 @@ def _check(registry, name, cfg, x, row):
         if type(stock) is not registry.get(name):
             raise AssertionError(f'deploy config builds {type(stock).__name__}, not {name}')
         _load_strictly(stock, fused.state_dict())
-        stock.eval()  # a toolbox's train() may not return the module
+        stock.eval()
         out = _stock_features(stock, x, precision)
         row['rel_err'] = ((out - reference).norm() / reference.norm().clamp_min(1e-300)).item()
         if not math.isfinite(row['rel_err']) or row['rel_err'] > TOLERANCE:
