@@ -336,10 +336,16 @@ def _unfused_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     own dtype for networks that make float32 tensors of their own (positional encodings); the
     table names such a reference."""
     with torch.no_grad(), mmorepa.unfused_eval(model):
-        try:
-            return _outputs(copy.deepcopy(model).double(), x.double())
-        except RuntimeError:
-            return _outputs(model, x)
+        return _float64_or_own_outputs(model, x)
+
+
+def _float64_or_own_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The features of a float64 copy of ``model``, or of ``model`` in its own dtype where it
+    makes float32 tensors of its own."""
+    try:
+        return _outputs(copy.deepcopy(model).double(), x.double())
+    except RuntimeError:
+        return _outputs(model, x)
 
 
 def _stock_features(stock: nn.Module, x: torch.Tensor, dtype) -> torch.Tensor:
@@ -348,10 +354,7 @@ def _stock_features(stock: nn.Module, x: torch.Tensor, dtype) -> torch.Tensor:
     graph such as Vig's with the thread count), else in its own dtype."""
     with torch.no_grad():
         if dtype == torch.float64:
-            try:
-                return _outputs(copy.deepcopy(stock).double(), x.double())
-            except RuntimeError:  # float32 tensors of its own: compare in float32
-                pass
+            return _float64_or_own_outputs(stock, x).double()
         return _outputs(stock, x).double()
 
 
